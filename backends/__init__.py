@@ -1,0 +1,1 @@
+"""Built-in backends; each imports only server.core."""

@@ -1,0 +1,67 @@
+"""Build the ONNX files of the example repository (model_repository/) and of the benchmarks.
+
+    python scripts/build_models.py                 # example repository, in place
+    python scripts/build_models.py --bench DIR     # also the add_sub and mlp benchmark repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import onnx_models as m  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BENCH_CONFIGS = {
+    "add_sub": """platform: "onnxruntime_onnx"
+max_batch_size: 64
+input [
+  { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+dynamic_batching { }
+instance_group [ { kind: KIND_CPU count: 1 } ]
+""",
+    "mlp": """platform: "onnxruntime_onnx"
+max_batch_size: 64
+input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ 512 ] } ]
+output [ { name: "OUTPUT" data_type: TYPE_FP32 dims: [ 16 ] } ]
+dynamic_batching { }
+instance_group [ { kind: KIND_CPU count: 1 } ]
+""",
+}
+
+
+def example_repository(repo: Path) -> None:
+    m.add_sub(repo / "simple" / "1" / "model.onnx")
+    m.identity(repo / "simple_identity" / "1" / "model.onnx", "BYTES", ("batch", 1))
+    m.dense(repo / "dense" / "1" / "model.onnx", (4, 8, 3), seed=7)
+
+
+def bench_repository(repo: Path) -> None:
+    m.add_sub(repo / "add_sub" / "1" / "model.onnx")
+    m.mlp(repo / "mlp" / "1" / "model.onnx")
+    for name, text in BENCH_CONFIGS.items():
+        (repo / name / "config.pbtxt").write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--bench", type=Path, help="also build the benchmark repository here")
+    args = parser.parse_args()
+    example_repository(args.repository)
+    if args.bench:
+        bench_repository(args.bench)
+    print("models built")
+
+
+if __name__ == "__main__":
+    main()

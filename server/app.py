@@ -1,0 +1,89 @@
+"""Composition root: builds the repository, data plane and frontends, runs them on one event loop,
+handles signals and drains on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from server.dataplane import DataPlane
+from server.frontends.grpc.server import GrpcFrontend
+from server.repository.loader import LoadOptions
+from server.repository.manager import RepositoryManager
+from server.settings import Settings
+
+log = logging.getLogger("inferd")
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        options = LoadOptions(default_max_batch_size=settings.default_max_batch_size,
+                              auto_complete=settings.auto_complete_config)
+        self.repository = RepositoryManager(settings.model_repositories, options)
+        self.dataplane = DataPlane(self.repository, settings.model_control_mode, settings.strict_readiness)
+        self.grpc: GrpcFrontend | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.allow_grpc:
+            self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes)
+            await self.grpc.start()
+        await self._initial_load()
+        self.dataplane.started = True
+        if self.grpc:
+            await self.grpc.sync_health()
+        log.info("inferd ready")
+
+    async def _initial_load(self) -> None:
+        models = self.repository.scan()
+        s = self.settings
+        if s.model_control_mode == "explicit":
+            names = list(models) if "*" in s.load_models else s.load_models
+        else:
+            names = list(models)
+        for name in names:
+            try:
+                await self.repository.load(name)
+            except Exception as exc:  # reported in the index and the log; the others keep loading
+                log.error("model '%s' is not serving: %s", name, getattr(exc, "message", exc))
+
+    def request_stop(self) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: stopping now")
+            raise SystemExit(1)
+        log.info("stopping: draining in-flight requests (up to %ss)", self.settings.exit_timeout_secs)
+        self._stop.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stop.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.dataplane.draining = True
+        if self.grpc:
+            await self.grpc.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.repository.shutdown(), self.settings.exit_timeout_secs)
+        except asyncio.TimeoutError:
+            log.warning("exit timeout reached with requests still in flight")
+        if self.grpc:
+            await self.grpc.stop(grace=1.0)
+        log.info("inferd stopped")
+
+
+def run(settings: Settings) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if settings.log_verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(App(settings).serve())
+    return 0

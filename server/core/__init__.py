@@ -1,0 +1,1 @@
+"""The leaf layer: types, errors, datatypes, configuration and the backend contract (stdlib + numpy)."""

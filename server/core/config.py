@@ -1,0 +1,86 @@
+"""The validated, normalized model configuration the rest of the server reads.
+
+The repository layer parses ``config.pbtxt`` into the wire-compatible ModelConfig message,
+completes and normalizes it, then builds these frozen dataclasses from it. Nothing below the
+repository layer sees protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TensorConfig:
+    name: str
+    datatype: str  # protocol string, e.g. "FP32", "BYTES"
+    dims: tuple[int, ...]  # without the batch dimension; -1 = variable
+    reshape: tuple[int, ...] | None = None
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    timeout_action: str = "REJECT"  # or "DELAY"
+    default_timeout_us: int = 0  # 0 = no timeout
+    allow_timeout_override: bool = False
+    max_queue_size: int = 0  # 0 = unbounded
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicBatching:
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 0  # 0 = priorities off (one level)
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy = QueuePolicy()
+    priority_queue_policy: dict[int, QueuePolicy] = field(default_factory=dict)
+
+    def policy_for(self, level: int) -> QueuePolicy:
+        return self.priority_queue_policy.get(level, self.default_queue_policy)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceGroup:
+    name: str
+    kind: str  # "KIND_CPU" or "KIND_GPU" after normalization
+    count: int
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupSample:
+    name: str
+    batch_size: int
+    count: int
+    # input name -> (datatype, dims, "zero" | "random" | file path)
+    inputs: dict[str, tuple[str, tuple[int, ...], str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    platform: str = ""
+    backend: str = ""
+    max_batch_size: int = 0
+    inputs: tuple[TensorConfig, ...] = ()
+    outputs: tuple[TensorConfig, ...] = ()
+    dynamic_batching: DynamicBatching | None = None
+    instance_groups: tuple[InstanceGroup, ...] = ()
+    parameters: dict[str, str] = field(default_factory=dict)
+    default_model_filename: str = ""
+    decoupled: bool = False
+    warmup: tuple[WarmupSample, ...] = ()
+
+    def input(self, name: str) -> TensorConfig | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def output(self, name: str) -> TensorConfig | None:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        return None

@@ -1,0 +1,174 @@
+"""Protocol datatypes <-> numpy, the BYTES length-prefix codec, and the BF16 bit-pattern convention.
+
+Inside the server every tensor is a numpy array. BYTES tensors are object arrays of ``bytes``.
+BF16 tensors are carried as ``uint16`` arrays holding the bfloat16 bit patterns (numpy has no
+bfloat16), which is exactly their wire form; backends convert at their edge.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable
+
+import numpy as np
+
+from .errors import invalid
+
+# protocol datatype -> numpy dtype (BF16: raw bit patterns; BYTES: object)
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(np.uint16),
+    "BYTES": np.dtype(np.object_),
+}
+
+DATATYPES = tuple(NUMPY_DTYPES)
+
+# model_config.proto DataType enum names <-> protocol strings
+_CONFIG_NAMES = {dt: f"TYPE_{dt}" for dt in DATATYPES if dt != "BYTES"} | {"BYTES": "TYPE_STRING"}
+_FROM_CONFIG = {v: k for k, v in _CONFIG_NAMES.items()}
+
+_LITTLE = np.dtype("<u4")
+
+
+def config_name(datatype: str) -> str:
+    """'FP32' -> 'TYPE_FP32'; 'BYTES' -> 'TYPE_STRING'."""
+    return _CONFIG_NAMES[datatype]
+
+
+def from_config_name(name: str) -> str:
+    """'TYPE_FP32' -> 'FP32'; raises KeyError for TYPE_INVALID and unknown names."""
+    return _FROM_CONFIG[name]
+
+
+def element_size(datatype: str) -> int:
+    """Bytes per element for fixed-size types; 0 for BYTES."""
+    return 0 if datatype == "BYTES" else NUMPY_DTYPES[datatype].itemsize
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The protocol datatype of a numpy array (uint16 reads as UINT16, never BF16)."""
+    kind = array.dtype
+    if kind == np.object_ or kind.kind in ("S", "U"):
+        return "BYTES"
+    for name, dtype in NUMPY_DTYPES.items():
+        if name != "BF16" and dtype == kind:
+            return name
+    raise invalid(f"unsupported numpy dtype {kind}")
+
+
+def num_elements(shape: Iterable[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+def decode_raw(name: str, datatype: str, shape: list[int], data: bytes | memoryview) -> np.ndarray:
+    """Raw wire bytes -> array of ``shape``; a view over ``data`` for fixed-size types (no copy)."""
+    if datatype not in NUMPY_DTYPES:
+        raise invalid(f"input '{name}' has unsupported datatype '{datatype}'")
+    if any(d < 0 for d in shape):
+        raise invalid(f"input '{name}' has a negative dimension in shape {list(shape)}")
+    count = num_elements(shape)
+    if datatype == "BYTES":
+        return deserialize_bytes(name, data, count).reshape(shape)
+    expected = count * NUMPY_DTYPES[datatype].itemsize
+    if len(data) != expected:
+        raise invalid(
+            f"input byte size mismatch for input '{name}': expected {expected} bytes "
+            f"for shape {list(shape)} of {datatype}, got {len(data)}"
+        )
+    array = np.frombuffer(data, dtype=NUMPY_DTYPES[datatype])
+    if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
+        raise invalid(f"input '{name}' of BOOL holds a byte other than 0 or 1")
+    return array.reshape(shape)
+
+
+def deserialize_bytes(name: str, data: bytes | memoryview, count: int) -> np.ndarray:
+    """Length-prefixed (4-byte little-endian) elements -> object array of ``count`` bytes."""
+    view = memoryview(data)
+    out = np.empty(count, dtype=np.object_)
+    offset, total = 0, len(view)
+    for i in range(count):
+        if offset + 4 > total:
+            raise invalid(
+                f"malformed BYTES data for input '{name}': expected {count} elements, "
+                f"the data ends after {i}"
+            )
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > total:
+            raise invalid(
+                f"malformed BYTES data for input '{name}': element {i} claims {length} bytes "
+                f"but only {total - offset} remain"
+            )
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != total:
+        raise invalid(
+            f"malformed BYTES data for input '{name}': {total - offset} bytes left after {count} elements"
+        )
+    return out
+
+
+def _as_bytes(item: object) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    if isinstance(item, (bytearray, memoryview, np.bytes_)):
+        return bytes(item)
+    return str(item).encode("utf-8")
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """Object/bytes/str array -> length-prefixed wire form, row-major."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        raw = _as_bytes(item)
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def to_bytes_array(items: Iterable[object], count: int) -> np.ndarray:
+    out = np.empty(count, dtype=np.object_)
+    for i, item in enumerate(items):
+        out[i] = _as_bytes(item)
+    return out
+
+
+def encode_raw(array: np.ndarray, datatype: str) -> bytes:
+    """Array -> raw wire bytes (row-major, little-endian)."""
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    target = NUMPY_DTYPES[datatype]
+    if array.dtype != target:
+        array = array.astype(target)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16) -> float32 values."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> BF16 bit patterns, rounding to nearest even (NaN stays NaN)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    nan = np.isnan(values)
+    if nan.any():
+        rounded = np.where(nan, (bits >> 16) | 0x40, rounded)
+    return rounded.astype(np.uint16)

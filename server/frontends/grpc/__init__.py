@@ -1,0 +1,1 @@
+"""The gRPC frontend: GRPCInferenceService, standard health and reflection on one port."""

@@ -1,0 +1,125 @@
+"""ModelInferRequest <-> InferRequest and InferResponse -> ModelInferResponse."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.core import dtypes
+from server.core.errors import invalid
+from server.core.types import InferRequest, InferResponse, RequestedOutput, Tensor
+from server.protos import grpc_service_pb2 as pb
+
+# datatype -> the typed contents field that may carry it
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_ALL_FIELDS = sorted(set(_CONTENTS_FIELD.values()))
+
+
+def param_value(p: pb.InferParameter):
+    choice = p.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(p, choice)
+
+
+def params(mapping) -> dict:
+    return {k: param_value(v) for k, v in mapping.items()}
+
+
+def _typed(tensor, shape: list[int]) -> np.ndarray:
+    name, datatype = tensor.name, tensor.datatype
+    contents = tensor.contents
+    used = [f for f in _ALL_FIELDS if len(getattr(contents, f))]
+    expected = _CONTENTS_FIELD.get(datatype)
+    if expected is None:
+        raise invalid(f"input '{name}' of {datatype} must be sent in raw_input_contents (no typed field carries it)")
+    if any(f != expected for f in used):
+        raise invalid(f"input '{name}' of {datatype} carries {', '.join(used)}; expected {expected}")
+    values = getattr(contents, expected)
+    count = dtypes.num_elements(shape)
+    if len(values) != count:
+        raise invalid(f"input '{name}' has {len(values)} elements in {expected} but shape {shape} needs {count}")
+    if datatype == "BYTES":
+        return dtypes.to_bytes_array(values, count).reshape(shape)
+    return np.array(values, dtype=dtypes.NUMPY_DTYPES[datatype]).reshape(shape)
+
+
+def to_request(msg: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
+    raw = msg.raw_input_contents
+    inputs: list[Tensor] = []
+    next_raw = 0
+    for tensor in msg.inputs:
+        shape = list(tensor.shape)
+        if tensor.datatype not in dtypes.NUMPY_DTYPES:
+            raise invalid(f"input '{tensor.name}' has unknown datatype '{tensor.datatype}'; expected one of "
+                          f"{', '.join(dtypes.DATATYPES)}")
+        if tensor.HasField("contents"):
+            data = _typed(tensor, shape)
+        elif next_raw < len(raw):
+            data = dtypes.decode_raw(tensor.name, tensor.datatype, shape, raw[next_raw])
+            next_raw += 1
+        else:
+            raise invalid(f"unable to find data for input tensor '{tensor.name}': it has no contents and "
+                          f"raw_input_contents has {len(raw)} entries for the inputs before it")
+        inputs.append(Tensor(tensor.name, tensor.datatype, shape, data, params(tensor.parameters)))
+    if next_raw != len(raw):
+        raise invalid(f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs take their data "
+                      "from it (one entry per input without typed contents, in input order)")
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        id=msg.id,
+        inputs=inputs,
+        outputs=[RequestedOutput(o.name, params(o.parameters)) for o in msg.outputs],
+        parameters=params(msg.parameters),
+        deadline=deadline,
+    )
+
+
+def from_response(response: InferResponse) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
+                                id=response.id)
+    for tensor in response.outputs:
+        out.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        out.raw_output_contents.append(dtypes.encode_raw(tensor.data, tensor.datatype))
+    for key, value in response.parameters.items():
+        set_param(out.parameters[key], value)
+    return out
+
+
+def set_param(p: pb.InferParameter, value) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = str(value)
+
+
+def _duration(target, d) -> None:
+    target.count = d.count
+    target.ns = d.ns
+
+
+def fill_statistics(target: pb.ModelStatistics, stats) -> None:
+    target.name = stats.name
+    target.version = str(stats.version)
+    target.last_inference = stats.last_inference_ms
+    target.inference_count = stats.inference_count
+    target.execution_count = stats.execution_count
+    s = target.inference_stats
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(s, field), getattr(stats, field))
+    for size in sorted(stats.batches):
+        b = stats.batches[size]
+        entry = target.batch_stats.add(batch_size=size)
+        _duration(entry.compute_input, b.compute_input)
+        _duration(entry.compute_infer, b.compute_infer)
+        _duration(entry.compute_output, b.compute_output)

@@ -1,0 +1,1 @@
+"""The model repository: layout and version policy, configuration, backends by name, lifecycle."""

@@ -1,0 +1,178 @@
+"""Loading one model's versions from disk into backend instances (blocking; runs in a thread)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from server.core import config as core
+from server.core.backend import Backend, LoadContext
+from server.core.dtypes import NUMPY_DTYPES
+from server.core.errors import ErrorCode, ServingError
+from server.protos import model_config_pb2 as mc
+
+from . import backends, layout
+from . import config as configs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedVersion:
+    version: int
+    backends: list[tuple[str, Backend]]  # (instance name, backend)
+
+
+@dataclass
+class LoadResult:
+    """What a load produced: the effective config, loaded versions, and per-version failures."""
+
+    proto: mc.ModelConfig
+    config: core.ModelConfig | None
+    loaded: dict[int, LoadedVersion] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    default_max_batch_size: int = 4
+    auto_complete: bool = True
+    cores: int = os.cpu_count() or 1
+
+
+def _placements(config: core.ModelConfig) -> list[tuple[str, str]]:
+    """(instance name, device) for every instance the groups ask for."""
+    out = []
+    for group in config.instance_groups:
+        if group.kind == "KIND_GPU" and group.gpus:
+            for gpu in group.gpus:
+                out += [(f"{group.name}_{i}_gpu{gpu}", f"cuda:{gpu}") for i in range(group.count)]
+        elif group.kind == "KIND_GPU":
+            raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                               f"model '{config.name}': instance group '{group.name}' is KIND_GPU but no GPU is visible")
+        else:
+            out += [(f"{group.name}_{i}", "cpu") for i in range(group.count)]
+    return out
+
+
+def _context(model_path: Path, version: int, vpath: Path, config: core.ModelConfig, name: str,
+             device: str, index: int, threads: int) -> LoadContext:
+    return LoadContext(
+        model_name=config.name, version=version, model_path=model_path, version_path=vpath,
+        model_file=vpath / config.default_model_filename, config=config, device=device,
+        instance_name=name, instance_index=index, cpu_threads=threads,
+    )
+
+
+def load_model(model_path: Path, options: LoadOptions, override_json: str | None = None,
+               only_versions: set[int] | None = None) -> LoadResult:
+    """Read, complete and validate the config, then load every selected version's instances.
+
+    Raises ServingError when the model as a whole cannot load (bad config, unknown backend);
+    a version that fails is reported in ``failed`` and the others still load.
+    """
+    name = model_path.name
+    proto, warnings = configs.read(model_path, override_json)
+    if proto.name and proto.name != name:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{name}': config.pbtxt names the model '{proto.name}'; it must match the folder")
+    proto.name = name
+    available = layout.versions(model_path)
+    if not available:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION, f"model '{name}': no version folders (e.g. '{name}/1/')")
+    layout.complete_backend_fields(proto, model_path, available)
+    backend_cls = backends.find(proto.backend)
+    selected = layout.select(proto.version_policy, list(available))
+    if only_versions is not None:
+        selected = [v for v in selected if v in only_versions]
+    if not selected:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{name}': the version policy selects none of versions {sorted(available)}")
+    gpus = configs.gpu_count()
+    if options.auto_complete and configs.needs_io(proto):
+        _autocomplete(proto, backend_cls, model_path, selected[0], available[selected[0]], options, gpus)
+    configs.normalize(proto, has_gpu=gpus > 0)
+    configs.validate(proto)
+    config = configs.to_core(proto, gpus)
+    result = LoadResult(proto=proto, config=config, warnings=warnings)
+    placements = _placements(config)
+    cpu_instances = sum(1 for _, device in placements if device == "cpu") or 1
+    threads = max(1, options.cores // cpu_instances)
+    for version in selected:
+        vpath = available[version]
+        loaded: list[tuple[str, Backend]] = []
+        try:
+            for index, (iname, device) in enumerate(placements):
+                ctx = _context(model_path, version, vpath, config, iname, device, index, threads)
+                loaded.append((iname, backend_cls.load(ctx)))
+            for _, backend in loaded:
+                warm_up(backend, config, model_path)
+            result.loaded[version] = LoadedVersion(version, loaded)
+        except Exception as exc:
+            for _, backend in loaded:
+                backend.close()
+            reason = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            log.error("model '%s' version %d failed to load: %s", name, version, reason)
+            result.failed[version] = reason
+    return result
+
+
+def _autocomplete(proto: mc.ModelConfig, backend_cls: type[Backend], model_path: Path, version: int,
+                  vpath: Path, options: LoadOptions, gpus: int) -> None:
+    # a probe instance reports the model's tensors; serving instances then see the final config
+    partial = configs.to_core(proto, gpus)
+    ctx = _context(model_path, version, vpath, partial, f"{proto.name}_probe", "cpu", 0, 1)
+    probe = backend_cls.load(ctx)
+    try:
+        inputs, outputs = probe.io_specs()
+    except NotImplementedError as exc:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{proto.name}': config.pbtxt must list inputs and outputs ({exc})") from exc
+    finally:
+        probe.close()
+    if proto.input and proto.output:
+        return
+    configs.check_against_model(proto, inputs, outputs)
+    configs.autocomplete(proto, inputs, outputs, options.default_max_batch_size)
+
+
+def warm_up(backend: Backend, config: core.ModelConfig, model_path: Path) -> None:
+    """Run the config's model_warmup samples, then the backend's own warm-up."""
+    rng = np.random.default_rng(0)
+    for sample in config.warmup:
+        inputs = {}
+        for name, (datatype, dims, source) in sample.inputs.items():
+            shape = ((sample.batch_size,) if config.max_batch_size > 0 else ()) + tuple(dims)
+            inputs[name] = _warmup_tensor(datatype, shape, source, rng, model_path / "warmup")
+        outputs = [o.name for o in config.outputs]
+        for _ in range(sample.count):
+            try:
+                backend.execute(inputs, outputs)
+            except Exception as exc:
+                raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                                   f"warmup sample '{sample.name}' failed: {exc}") from exc
+    backend.warmup()
+
+
+def _warmup_tensor(datatype: str, shape: tuple[int, ...], source: str, rng, folder: Path) -> np.ndarray:
+    dtype = NUMPY_DTYPES[datatype]
+    count = int(np.prod(shape)) if shape else 1
+    if datatype == "BYTES":
+        from server.core.dtypes import deserialize_bytes
+        if source not in ("zero", "random"):
+            return deserialize_bytes("warmup", (folder / source).read_bytes(), count).reshape(shape)
+        return np.array([b"0" * 4] * count, dtype=np.object_).reshape(shape)
+    if source == "zero":
+        return np.zeros(shape, dtype)
+    if source == "random":
+        if dtype.kind == "f":
+            return rng.random(shape).astype(dtype)
+        if dtype.kind == "b":
+            return rng.integers(0, 2, shape).astype(dtype)
+        return rng.integers(0, 8, shape).astype(dtype)
+    return np.frombuffer((folder / source).read_bytes(), dtype).reshape(shape)

@@ -1,0 +1,1 @@
+"""Batching (pure functions), instances (worker threads) and the per-version scheduler."""

@@ -1,0 +1,108 @@
+"""Server settings: one object, flag names as Triton spells them so a Triton runtime's args work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_MESSAGE = 2**31 - 1  # what Triton and tritonclient use
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got '{text}'")
+
+
+@dataclass
+class Settings:
+    model_repositories: list[Path] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    allow_grpc: bool = True
+    allow_http: bool = True
+    allow_metrics: bool = True
+    grpc_max_message_bytes: int = MAX_MESSAGE
+    model_control_mode: str = "none"
+    repository_poll_secs: float = 0.0
+    load_models: list[str] = field(default_factory=list)
+    strict_readiness: bool = False
+    exit_timeout_secs: float = 30.0
+    auto_complete_config: bool = True
+    default_max_batch_size: int = 4
+    model_name: str = ""
+    log_verbose: int = 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inferd", description="KServe v2 / Triton-compatible model server")
+    p.add_argument("--model-repository", "--model-store", dest="model_repositories", action="append",
+                   type=Path, metavar="DIR", help="model repository folder (repeatable)")
+    p.add_argument("--host", "--grpc-address", dest="host", default="0.0.0.0",
+                   help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--allow-grpc", type=_bool, default=True)
+    p.add_argument("--allow-http", type=_bool, default=True)
+    p.add_argument("--allow-metrics", type=_bool, default=True)
+    p.add_argument("--grpc-max-message-bytes", type=int, default=MAX_MESSAGE,
+                   help="max gRPC send/receive message size (default 2 GiB - 1)")
+    p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="none")
+    p.add_argument("--repository-poll-secs", type=float, default=0.0)
+    p.add_argument("--load-model", dest="load_models", action="append", default=[], metavar="NAME",
+                   help="with explicit control: load this model at start ('*' for all); repeatable")
+    p.add_argument("--strict-readiness", type=_bool, default=False,
+                   help="server ready only when every model in the repository is ready")
+    p.add_argument("--exit-timeout-secs", type=float, default=30.0)
+    p.add_argument("--disable-auto-complete-config", dest="auto_complete_config", action="store_false")
+    p.add_argument("--backend-config", action="append", default=[], metavar="[BACKEND,]KEY=VALUE",
+                   help="e.g. default-max-batch-size=8")
+    p.add_argument("--model-name", default=os.environ.get("MODEL_NAME", ""),
+                   help="name to serve a single-model folder under")
+    p.add_argument("--log-verbose", type=int, default=0)
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> Settings:
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.model_repositories:
+        p.error("--model-repository is required")
+    settings = Settings(
+        model_repositories=args.model_repositories,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        allow_grpc=args.allow_grpc,
+        allow_http=args.allow_http,
+        allow_metrics=args.allow_metrics,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
+        model_control_mode=args.model_control_mode,
+        repository_poll_secs=args.repository_poll_secs,
+        load_models=args.load_models,
+        strict_readiness=args.strict_readiness,
+        exit_timeout_secs=args.exit_timeout_secs,
+        auto_complete_config=args.auto_complete_config,
+        model_name=args.model_name,
+        log_verbose=args.log_verbose,
+    )
+    for item in args.backend_config:
+        key, _, value = item.rpartition(",")[2].partition("=")
+        if key == "default-max-batch-size":
+            settings.default_max_batch_size = int(value)
+        else:
+            p.error(f"unknown --backend-config key '{key}'")
+    if "*" in settings.load_models and len(settings.load_models) > 1:
+        p.error("--load-model=* must be the only --load-model")
+    if settings.model_control_mode == "poll" and settings.repository_poll_secs <= 0:
+        p.error("--model-control-mode=poll needs --repository-poll-secs > 0")
+    return settings

@@ -1,0 +1,98 @@
+"""Per model-version inference statistics, in the statistics extension's terms.
+
+Updated only from the event loop (the scheduler records on completion), so no locks.
+Durations follow Triton: request-level counters (success, fail, queue, compute_*) count every
+request once and add the duration its batch took; batch_stats count executions per batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass(slots=True)
+class BatchStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
+class BatchTiming:
+    """What an instance measured while executing one batch (nanoseconds)."""
+
+    batch_size: int
+    requests: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+
+
+@dataclass(slots=True)
+class ModelStats:
+    name: str
+    version: int
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    pending: int = 0  # requests queued or executing
+    batches: dict[int, BatchStats] = field(default_factory=dict)
+    sink: "StatsSink | None" = None
+
+    def record_batch(self, timing: BatchTiming) -> None:
+        self.execution_count += 1
+        self.inference_count += timing.batch_size
+        self.last_inference_ms = int(time.time() * 1000)
+        per_size = self.batches.get(timing.batch_size)
+        if per_size is None:
+            per_size = self.batches[timing.batch_size] = BatchStats()
+        per_size.compute_input.add(timing.input_ns)
+        per_size.compute_infer.add(timing.infer_ns)
+        per_size.compute_output.add(timing.output_ns)
+        n = timing.requests
+        self.compute_input.add(timing.input_ns * n, n)
+        self.compute_infer.add(timing.infer_ns * n, n)
+        self.compute_output.add(timing.output_ns * n, n)
+        if self.sink is not None:
+            self.sink.batch(self, timing)
+
+    def record_success(self, total_ns: int, queue_ns: int) -> None:
+        self.success.add(total_ns)
+        self.queue.add(queue_ns)
+        if self.sink is not None:
+            self.sink.request(self, True, total_ns, queue_ns)
+
+    def record_failure(self, total_ns: int, queue_ns: int | None = None) -> None:
+        self.fail.add(total_ns)
+        if self.sink is not None:
+            self.sink.request(self, False, total_ns, queue_ns)
+
+
+class StatsSink:
+    """Receives every update as it happens (Prometheus histograms hang off this)."""
+
+    def batch(self, stats: ModelStats, timing: BatchTiming) -> None:  # pragma: no cover - interface
+        pass
+
+    def request(self, stats: ModelStats, ok: bool, total_ns: int, queue_ns: int | None) -> None:  # pragma: no cover
+        pass

@@ -1,0 +1,112 @@
+"""Request validation against a model's configuration (used by the data plane only).
+
+Every message names the input or output and what was expected, so a client can fix its call.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from server.core.config import ModelConfig, TensorConfig
+from server.core.errors import invalid
+from server.core.types import InferRequest, RequestedOutput
+
+# reserved names the server interprets itself; other triton_* keys are refused
+_ACCEPTED_TRITON = {"triton_enable_empty_final_response"}
+
+
+def _dims_match(expected: Sequence[int], got: Sequence[int]) -> bool:
+    return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got))
+
+
+def _shape_text(config: ModelConfig, spec: TensorConfig) -> str:
+    dims = ([-1] if config.max_batch_size > 0 else []) + list(spec.dims)
+    return str(dims)
+
+
+def check_inputs(config: ModelConfig, request: InferRequest) -> dict[str, np.ndarray]:
+    """Validate inputs; return name -> array shaped as the backend expects (reshape applied)."""
+    model = config.name
+    arrays: dict[str, np.ndarray] = {}
+    batch: int | None = None
+    for tensor in request.inputs:
+        spec = config.input(tensor.name)
+        if spec is None:
+            known = ", ".join(f"'{i.name}'" for i in config.inputs)
+            raise invalid(f"unexpected inference input '{tensor.name}' for model '{model}'; it expects {known}")
+        if tensor.name in arrays:
+            raise invalid(f"input '{tensor.name}' appears more than once in the request")
+        if tensor.datatype != spec.datatype:
+            raise invalid(
+                f"inference input '{tensor.name}' data-type is '{tensor.datatype}', "
+                f"but model '{model}' expects '{spec.datatype}'"
+            )
+        shape = list(tensor.shape)
+        dims = shape
+        if config.max_batch_size > 0:
+            if not shape:
+                raise invalid(f"input '{tensor.name}' has an empty shape; model '{model}' expects "
+                              f"{_shape_text(config, spec)} with the batch size first")
+            size, dims = shape[0], shape[1:]
+            if size < 1 or size > config.max_batch_size:
+                raise invalid(
+                    f"inference request batch-size must be <= {config.max_batch_size} for '{model}', "
+                    f"got {size} for input '{tensor.name}'" if size > 0 else
+                    f"input '{tensor.name}' has batch size {size}; it must be at least 1"
+                )
+            if batch is None:
+                batch = size
+            elif size != batch:
+                raise invalid(f"input '{tensor.name}' has batch size {size} but another input has {batch}; "
+                              "all inputs of a request share one batch size")
+        if not _dims_match(spec.dims, dims):
+            raise invalid(
+                f"unexpected shape for input '{tensor.name}' for model '{model}'. "
+                f"Expected {_shape_text(config, spec)}, got {shape}"
+            )
+        array = tensor.data
+        if spec.reshape is not None:
+            lead = shape[:1] if config.max_batch_size > 0 else []
+            array = array.reshape(lead + list(spec.reshape))
+        arrays[tensor.name] = array
+    missing = [i.name for i in config.inputs if i.name not in arrays and not i.optional]
+    if missing:
+        raise invalid(
+            f"expected {len(config.inputs)} inputs but got {len(request.inputs)} inputs for model '{model}'; "
+            f"missing {', '.join(repr(m) for m in missing)}"
+        )
+    return arrays
+
+
+def check_outputs(config: ModelConfig, requested: list[RequestedOutput]) -> list[str]:
+    """The output names to return, in request order (all outputs, in config order, when none asked)."""
+    if not requested:
+        return [o.name for o in config.outputs]
+    names = []
+    for out in requested:
+        if config.output(out.name) is None:
+            known = ", ".join(f"'{o.name}'" for o in config.outputs)
+            raise invalid(f"unexpected inference output '{out.name}' for model '{config.name}'; it has {known}")
+        if out.name in names:
+            raise invalid(f"output '{out.name}' is requested more than once")
+        if "classification" in out.parameters:
+            raise invalid(f"output '{out.name}': the classification extension is not supported")
+        names.append(out.name)
+    return names
+
+
+def check_parameters(request: InferRequest) -> None:
+    for key in request.parameters:
+        if key.startswith("triton_") and key not in _ACCEPTED_TRITON:
+            raise invalid(f"parameter '{key}' is reserved (triton_* names are not custom parameters)")
+    for tensor in request.inputs:
+        for key in tensor.parameters:
+            if key.startswith("shared_memory"):
+                raise invalid(f"input '{tensor.name}': shared memory is not supported by this server "
+                              "(send the data in the request)")
+    for out in request.outputs:
+        for key in out.parameters:
+            if key.startswith("shared_memory"):
+                raise invalid(f"output '{out.name}': shared memory is not supported by this server")
