@@ -10,6 +10,7 @@ import logging
 from server import __version__
 from server.core.errors import ErrorCode, ServingError, unavailable
 from server.core.types import InferRequest, InferResponse, Tensor
+from server.repository import config as configs
 from server.repository.manager import ModelVersion, RepositoryManager
 
 from . import validation
@@ -47,6 +48,10 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         return self.repository.get(name, version).state == "READY"
+
+    def model_config(self, name: str, version: str = "") -> dict:
+        """The effective configuration as Triton renders it in JSON (REST); gRPC sends ``model(...).proto``."""
+        return configs.to_json_dict(self.repository.get(name, version).proto)
 
     def model_versions(self, name: str, version: str = "") -> list[str]:
         if version:

@@ -96,3 +96,40 @@ class StatsSink:
 
     def request(self, stats: ModelStats, ok: bool, total_ns: int, queue_ns: int | None) -> None:  # pragma: no cover
         pass
+
+
+def _duration_dict(d: Duration) -> dict:
+    return {"count": d.count, "ns": d.ns}
+
+
+def to_dict(stats: ModelStats) -> dict:
+    """The statistics extension's JSON rendering of one model version (every key present)."""
+    zero = _duration_dict(Duration())
+    return {
+        "name": stats.name,
+        "version": str(stats.version),
+        "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.execution_count,
+        "inference_stats": {
+            "success": _duration_dict(stats.success),
+            "fail": _duration_dict(stats.fail),
+            "queue": _duration_dict(stats.queue),
+            "compute_input": _duration_dict(stats.compute_input),
+            "compute_infer": _duration_dict(stats.compute_infer),
+            "compute_output": _duration_dict(stats.compute_output),
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "response_stats": {},
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": _duration_dict(b.compute_input),
+                "compute_infer": _duration_dict(b.compute_infer),
+                "compute_output": _duration_dict(b.compute_output),
+            }
+            for size, b in sorted(stats.batches.items())
+        ],
+        "memory_usage": [],
+    }
