@@ -1,7 +1,8 @@
 """ONNX Runtime backend: CPU by default, the CUDA provider for GPU instances when it is present.
 
 Config ``parameters`` (Triton's names): ``intra_op_thread_count``, ``inter_op_thread_count``,
-``execution_mode`` (0 sequential, 1 parallel), ``graph_optimization_level`` (0/1/2/99).
+``execution_mode`` (0 sequential, 1 parallel), ``graph_optimization_level`` (0/1/2/99); and
+``allow_spinning`` ("0" default, "1" lets idle intra-op threads spin as plain ORT does).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class OnnxRuntimeBackend(Backend):
         if level in _GRAPH_LEVELS:
             opts.graph_optimization_level = _GRAPH_LEVELS[level]
         opts.log_severity_level = 3
+        # Spinning intra-op threads burn the cores the event loop and the other instances need
+        # between batches; a server on few cores gains more from sleeping workers.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
         path = _model_file(ctx.model_file)
         try:
             session = ort.InferenceSession(str(path), opts, providers=_providers(ctx.device, ctx.model_name))

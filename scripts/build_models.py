@@ -2,6 +2,10 @@
 
     python scripts/build_models.py                 # example repository, in place
     python scripts/build_models.py --bench DIR     # also the add_sub and mlp benchmark repository
+
+The PyTorch example (TorchScript simple_torch) needs torch; without it, it is skipped with a note
+and everything else still builds. (torch.export examples are built by the tests: loading a .pt2
+imports much of torch's compiler stack, which would slow every start of the example server.)
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ def example_repository(repo: Path) -> None:
     m.dense(repo / "dense" / "1" / "model.onnx", (4, 8, 3), seed=7)
 
 
+def torch_examples(repo: Path) -> bool:
+    """The PyTorch example's binary (its config.pbtxt is committed); False without torch."""
+    try:
+        import torch_models as tm
+    except ImportError as exc:
+        print(f"skipping the PyTorch example: {exc} (pip install 'inferd[torch]')")
+        return False
+    tm.add_sub_named(repo / "simple_torch" / "1" / "model.pt")
+    return True
+
+
 def bench_repository(repo: Path) -> None:
     m.add_sub(repo / "add_sub" / "1" / "model.onnx")
     m.mlp(repo / "mlp" / "1" / "model.onnx")
@@ -58,6 +73,7 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, help="also build the benchmark repository here")
     args = parser.parse_args()
     example_repository(args.repository)
+    torch_examples(args.repository)
     if args.bench:
         bench_repository(args.bench)
     print("models built")

@@ -22,8 +22,13 @@
 # has no help option; run without arguments it prints the usage and exits 99.
 #
 # perf_analyzer's exit code is passed through (it uses 99 both for bad arguments and for
-# failed runs, e.g. an unreachable server or unknown model). Failures of this runner itself (not root,
-# debootstrap/apt/pip failure, ...) exit with 125.
+# failed runs, e.g. an unreachable server or unknown model). Failures of this runner itself
+# (not root, debootstrap/apt/pip failure, ...) exit with 125.
+#
+# perf_analyzer needs Triton's ModelConfig gRPC method besides the v2 core protocol: KServe's
+# and MLServer's servers lack it, so start the peers of scripts/peers with
+# --triton_model_config to benchmark them with it. For a model with max_batch_size 0 and
+# variable dimensions give the shapes, e.g. --shape INPUT0:1,16 --shape INPUT1:1,16.
 #
 # Environment knobs:
 #   PERF_ANALYZER_VERSION   perf-analyzer version to install (default 2.60.0); changing it

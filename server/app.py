@@ -7,11 +7,15 @@ import asyncio
 import logging
 import signal
 
+from server.core.errors import ServingError
 from server.dataplane import DataPlane
 from server.frontends.grpc.server import GrpcFrontend
+from server.frontends.http.server import HttpFrontend
+from server.repository import single
 from server.repository.loader import LoadOptions
 from server.repository.manager import RepositoryManager
 from server.settings import Settings
+from server.telemetry.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("inferd")
 
@@ -21,17 +25,32 @@ class App:
         self.settings = settings
         options = LoadOptions(default_max_batch_size=settings.default_max_batch_size,
                               auto_complete=settings.auto_complete_config)
-        self.repository = RepositoryManager(settings.model_repositories, options)
+        # the source is read at scrape time, so the lambda may name the repository built next
+        self.metrics = (Metrics(lambda: [mv.stats for mv in self.repository.ready_versions()])
+                        if settings.allow_metrics else None)
+        try:  # a folder holding one model (KServe's /mnt/models) is served via a generated repository
+            repositories = single.prepare(settings.model_repositories, settings.model_name)
+        except ServingError as exc:
+            raise SystemExit(f"inferd: {exc.message}") from None
+        self.repository = RepositoryManager(repositories, options, sink=self.metrics)
+        self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, settings.model_control_mode, settings.strict_readiness)
         self.grpc: GrpcFrontend | None = None
+        self.http: HttpFrontend | None = None
         self._stop = asyncio.Event()
         self._signals = 0
 
     async def start(self) -> None:
         s = self.settings
+        if self.metrics is not None:
+            self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port)
+            await self.metrics_server.start()
         if s.allow_grpc:
             self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes)
             await self.grpc.start()
+        if s.allow_http:  # same loop, same data plane; answers probes (not ready) while models load
+            self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes)
+            await self.http.start()
         await self._initial_load()
         self.dataplane.started = True
         if self.grpc:
@@ -77,6 +96,10 @@ class App:
             log.warning("exit timeout reached with requests still in flight")
         if self.grpc:
             await self.grpc.stop(grace=1.0)
+        if self.http:  # after the drain: readiness stays observable (503) until then
+            await self.http.stop()
+        if self.metrics_server:  # last: the drain stays observable
+            await self.metrics_server.stop()
         log.info("inferd stopped")
 
 

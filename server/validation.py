@@ -45,6 +45,13 @@ def check_inputs(config: ModelConfig, request: InferRequest) -> dict[str, np.nda
             )
         shape = list(tensor.shape)
         dims = shape
+        rank = len(spec.dims) + (1 if config.max_batch_size > 0 else 0)
+        if shape and len(shape) != rank:
+            # before the batch check: a missing batch dimension would otherwise read as a batch size
+            raise invalid(
+                f"unexpected shape for input '{tensor.name}' for model '{model}'. "
+                f"Expected {_shape_text(config, spec)}, got {shape}"
+            )
         if config.max_batch_size > 0:
             if not shape:
                 raise invalid(f"input '{tensor.name}' has an empty shape; model '{model}' expects "

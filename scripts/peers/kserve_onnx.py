@@ -16,6 +16,10 @@ Model: one onnxruntime.InferenceSession (CPU), intra-op threads from --intra_op_
 name as numpy; every output of the session is returned (or only the requested ones when
 the request lists outputs), as raw bytes (raw_output_contents over gRPC, like Triton),
 whatever form the inputs came in (raw_input_contents or typed contents).
+
+--triton_model_config adds Triton's ModelConfig gRPC method, which perf_analyzer needs and
+KServe lacks (scripts/peers/mlserver_onnx/triton_config.py); --log_level WARNING drops
+kserve's two log lines per request.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer,
 from kserve.errors import InvalidInput
 from kserve.utils.utils import generate_uuid
 
-logger = logging.getLogger("kserve_onnx")
+logger = logging.getLogger("kserve.onnx")  # a child of kserve's configured logger
 
 # onnxruntime type strings -> KServe v2 datatypes
 _ORT_TO_V2 = {
@@ -152,6 +156,20 @@ class OnnxModel(Model):
         return self._run(payload)
 
 
+def _add_triton_model_config(model: OnnxModel) -> None:
+    import importlib.util
+
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlserver_onnx", "triton_config.py")
+    spec = importlib.util.spec_from_file_location("peers_triton_config", path)
+    tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tc)
+    handler = tc.model_config_handler(
+        lambda name: (model.get_input_types(), model.get_output_types()) if name == model.name else None)
+    tc.patch_add_servicer(grpc_predict_v2_pb2_grpc, "add_GRPCInferenceServiceServicer_to_server", handler)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(parents=[model_server.parser],
                                      description="KServe model server for one ONNX file")
@@ -160,18 +178,31 @@ def main() -> None:
                         help="onnxruntime intra-op threads of the session")
     parser.add_argument("--run_in_executor", action="store_true",
                         help="run the session in kserve's thread pool instead of on the event loop")
+    parser.add_argument("--triton_model_config", action="store_true",
+                        help="also answer Triton's ModelConfig gRPC method (which perf_analyzer needs; "
+                             "see scripts/peers/mlserver_onnx/triton_config.py)")
+    parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="level of kserve's loggers (INFO: kserve's default, a log line per request)")
     args, _ = parser.parse_known_args()
     if not os.path.isfile(args.model_file):
         parser.error(f"--model_file {args.model_file}: no such file")
 
+    # http_port, grpc_port, workers (default 1), max_threads, ... come from kserve's own
+    # parse of sys.argv (model_server.args), which is what ModelServer() defaults to. Its
+    # constructor also sets up kserve's logging, so it comes first.
+    server = ModelServer()
     model = OnnxModel(args.model_name, args.model_file, intra_op_threads=args.intra_op_threads,
                       run_in_executor=args.run_in_executor)
     model.load()
     logger.info("kserve %s serving model '%s' on gRPC :%d, HTTP :%d", metadata.version("kserve"),
                 args.model_name, args.grpc_port, args.http_port)
-    # http_port, grpc_port, workers (default 1), max_threads, ... come from kserve's own
-    # parse of sys.argv (model_server.args), which is what ModelServer() defaults to.
-    ModelServer().start([model])
+    if args.triton_model_config:
+        _add_triton_model_config(model)
+    # kserve logs two INFO lines per request (the gRPC interceptor's "grpc method: ..." and,
+    # unless --enable_latency_logging false, kserve.trace's latencies): WARNING drops both.
+    logging.getLogger("kserve").setLevel(args.log_level)
+    logging.getLogger("kserve.trace").setLevel(args.log_level)
+    server.start([model])
 
 
 if __name__ == "__main__":

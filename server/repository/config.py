@@ -63,14 +63,57 @@ def parse_text(model: str, text: str) -> tuple[mc.ModelConfig, list[str]]:
 
 
 def _blank_field(text: str, exc: text_format.ParseError) -> str:
-    # comment out the offending line so the next strict pass reports the next unknown field
+    # blank out the unknown field (name and value, which may span lines) so the next strict pass
+    # reports the next unknown field; newlines stay, so later line:column positions stay true
     line = exc.GetLine()
     if not line:
         return ""
     lines = text.split("\n")
-    column = max(0, exc.GetColumn() - 1)
-    lines[line - 1] = lines[line - 1][:column] + "#" + lines[line - 1][column:]
-    return "\n".join(lines)
+    start = sum(len(x) + 1 for x in lines[: line - 1]) + max(0, exc.GetColumn() - 1)
+    end = _field_end(text, start)
+    if end < len(text) and text[end] in ",;":  # an optional separator goes with the field
+        end += 1
+    return text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
+
+
+_CLOSE = {"{": "}", "<": ">", "[": "]"}
+
+
+def _field_end(text: str, i: int) -> int:
+    """Offset just past the field that starts at ``i``: ``name: scalar``, ``name: "str"``,
+    ``name [ ... ]``, ``name { ... }`` (brackets balanced, quotes respected)."""
+    n = len(text)
+    while i < n and (text[i].isalnum() or text[i] in "_."):
+        i += 1
+    while i < n and (text[i].isspace() or text[i] == ":"):
+        i += 1
+    if i < n and text[i] in _CLOSE:
+        depth, quote = 0, ""
+        while i < n:
+            c = text[i]
+            if quote:
+                if c == "\\":
+                    i += 1
+                elif c == quote:
+                    quote = ""
+            elif c in "\"'":
+                quote = c
+            elif c in _CLOSE:
+                depth += 1
+            elif c in _CLOSE.values():
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return n
+    if i < n and text[i] in "\"'":
+        quote, i = text[i], i + 1
+        while i < n and text[i] != quote:
+            i += 2 if text[i] == "\\" else 1
+        return min(n, i + 1)
+    while i < n and not text[i].isspace() and text[i] not in ",;}>]":
+        i += 1
+    return i
 
 
 def read(model_path: Path, override_json: str | None = None) -> tuple[mc.ModelConfig, list[str]]:

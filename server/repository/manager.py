@@ -198,7 +198,10 @@ class RepositoryManager:
             raise not_found(f"Request for unknown model: '{name}' is not found")
         if version in ("", "-1"):
             if not record.serving:
-                detail = f": {record.reason}" if record.reason else ""
+                # the model-level reason, or why each version failed (e.g. its model file is missing)
+                failed = sorted(record.status.items())
+                reason = record.reason or "; ".join(f"version {v}: {why}" for v, (_, why) in failed)
+                detail = f": {reason}" if reason else ""
                 raise not_found(f"Request for unknown model: '{name}' has no available versions{detail}")
             return record.serving[max(record.serving)]
         if not version.isdigit():

@@ -19,7 +19,7 @@ import numpy as np
 
 from server.core.config import DynamicBatching, ModelConfig, QueuePolicy
 from server.core.errors import ErrorCode, ServingError, invalid
-from server.telemetry.stats import ModelStats
+from server.telemetry.stats import BACKEND, CANCELED, OTHER, REJECTED, ModelStats
 
 from . import batching
 from .instances import Instance, Job
@@ -175,8 +175,9 @@ class Scheduler:
             if item.state != _QUEUED or item.future.done():
                 continue
             if item.deadline is not None and item.deadline <= now:
-                self._fail_queued(item, ServingError(
-                    ErrorCode.DEADLINE_EXCEEDED, "request deadline passed while it waited in the queue"))
+                error = ServingError(ErrorCode.DEADLINE_EXCEEDED,
+                                     "request deadline passed while it waited in the queue")
+                self._fail_queued(item, error, REJECTED)
             elif item.timeout_at is not None and item.timeout_at <= now and not item.delayed:
                 policy = self._db.policy_for(item.level) if self._db else QueuePolicy()
                 if policy.timeout_action == "DELAY":
@@ -184,13 +185,15 @@ class Scheduler:
                     item.delayed = True
                     self._delayed.append(item)
                 else:
-                    self._fail_queued(item, ServingError(ErrorCode.UNAVAILABLE, "Request timeout expired"))
+                    error = ServingError(ErrorCode.UNAVAILABLE, "Request timeout expired")
+                    self._fail_queued(item, error, REJECTED)
         if self._timers:
             self._timer_handle = self._loop.call_later(max(0.0, self._timers[0][0] - now), self._expire)
         self._dispatch()
 
-    def _fail_queued(self, item: Pending, error: ServingError) -> None:
+    def _fail_queued(self, item: Pending, error: ServingError, reason: str) -> None:
         self._unqueue(item)
+        self.stats.record_failure(time.perf_counter_ns() - item.arrived_ns, None, reason)
         item.future.set_exception(error)
 
     def _unqueue(self, item: Pending) -> None:
@@ -203,10 +206,10 @@ class Scheduler:
         # a cancelled caller (client gone) leaves the queue at once and is never executed
         if item.future.cancelled() and item.state == _QUEUED:
             self._unqueue(item)
-            self.stats.record_failure(time.perf_counter_ns() - item.arrived_ns)
+            self.stats.record_failure(time.perf_counter_ns() - item.arrived_ns, None, CANCELED)
 
     def _settle(self) -> None:
-        self.stats.pending = self._queued + self._running
+        self.stats.pending = self._queued
         if not self._queued and not self._running:
             self._idle_event.set()
 
@@ -255,6 +258,7 @@ class Scheduler:
             p.state = _RUNNING
         self._queued -= len(members)
         self._running += len(members)
+        self.stats.pending = self._queued
         wanted = [p.outputs for p in members]
         union = wanted[0] if len(members) == 1 else self._union(wanted)
         job = Job(
@@ -294,10 +298,10 @@ class Scheduler:
             p.state = _DONE
             total, queued = end - p.arrived_ns, started_ns - p.arrived_ns
             if p.future.done():  # caller went away while it ran
-                self.stats.record_failure(total, queued)
-            elif job.error is not None:
-                self.stats.record_failure(total, queued)
-                p.future.set_exception(job.error)
+                self.stats.record_failure(total, queued, CANCELED)
+            elif job.error is not None or (job.errors is not None and job.errors[i] is not None):
+                self.stats.record_failure(total, queued, BACKEND)
+                p.future.set_exception(job.error or job.errors[i])
             else:
                 self.stats.record_success(total, queued)
                 p.future.set_result(job.results[i])
@@ -315,7 +319,7 @@ class Scheduler:
         for item in list(self._candidates()):
             if not item.future.done():
                 self._fail_queued(item, ServingError(ErrorCode.UNAVAILABLE,
-                                                     f"model '{self.config.name}' was unloaded"))
+                                                     f"model '{self.config.name}' was unloaded"), OTHER)
         for handle in (self._timer_handle, self._delay_handle):
             if handle is not None:
                 handle.cancel()

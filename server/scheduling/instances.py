@@ -34,6 +34,8 @@ class Job:
     # filled by the instance
     results: list[dict[str, np.ndarray]] | None = None
     error: ServingError | None = None
+    # per-member errors when a batch was re-run member by member (see run_job); None otherwise
+    errors: list[ServingError | None] | None = None
     timing: BatchTiming | None = None
 
 
@@ -49,10 +51,38 @@ def run_job(backend: Backend, job: Job, model: str) -> None:
         t3 = time.perf_counter_ns()
         job.timing = BatchTiming(sum(job.sizes), len(job.sizes), t1 - t0, t2 - t1, t3 - t2)
     except ServingError as exc:
-        job.error = exc
+        if exc.code == ErrorCode.INVALID_ARGUMENT and len(job.parts) > 1:
+            # the backend refused one member's data (e.g. non-UTF-8 text for ONNX strings):
+            # run the members alone so that only the bad request fails, not its batch mates
+            _run_members_alone(backend, job, model)
+        else:
+            job.error = exc
     except Exception as exc:  # a backend failure fails this batch only
         log.exception("model '%s' failed to execute a batch of %d", model, sum(job.sizes))
         job.error = ServingError(ErrorCode.INTERNAL, f"model '{model}' failed: {type(exc).__name__}: {exc}")
+
+
+def _run_members_alone(backend: Backend, job: Job, model: str) -> None:
+    results: list = []
+    errors: list[ServingError | None] = []
+    start = time.perf_counter_ns()
+    for part, size, wanted in zip(job.parts, job.sizes, job.wanted):
+        try:
+            outputs = backend.execute(part, wanted)
+            results.append(batching.split(outputs, [size], [wanted], job.batched)[0])
+            errors.append(None)
+        except ServingError as exc:
+            results.append(None)
+            errors.append(exc)
+        except Exception as exc:
+            log.exception("model '%s' failed to execute a request of batch size %d", model, size)
+            results.append(None)
+            message = f"model '{model}' failed: {type(exc).__name__}: {exc}"
+            errors.append(ServingError(ErrorCode.INTERNAL, message))
+    job.results, job.errors = results, errors
+    good = [size for size, error in zip(job.sizes, errors) if error is None]
+    if good:  # the statistics count what was inferred
+        job.timing = BatchTiming(sum(good), len(good), 0, time.perf_counter_ns() - start, 0)
 
 
 class Instance:

@@ -10,6 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+# Why a request failed, in Triton's words (the ``reason`` label of nv_inference_request_failure):
+# REJECTED timed out in the scheduler's queue, CANCELED was cancelled by its caller, BACKEND failed
+# while its batch executed, OTHER anything else (e.g. still queued when its model was unloaded).
+REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
+FAILURE_REASONS = (REJECTED, CANCELED, BACKEND, OTHER)
 
 
 @dataclass(slots=True)
@@ -55,9 +60,13 @@ class ModelStats:
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
-    pending: int = 0  # requests queued or executing
+    pending: int = 0  # requests waiting in the queue, not yet executing (Triton's pending count)
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
     sink: "StatsSink | None" = None
+    # the sink's own per-version state (e.g. its histograms): it lives and dies with these
+    # statistics, so a reloaded version starts afresh like every counter here
+    sink_state: object = None
 
     def record_batch(self, timing: BatchTiming) -> None:
         self.execution_count += 1
@@ -82,14 +91,18 @@ class ModelStats:
         if self.sink is not None:
             self.sink.request(self, True, total_ns, queue_ns)
 
-    def record_failure(self, total_ns: int, queue_ns: int | None = None) -> None:
+    def record_failure(self, total_ns: int, queue_ns: int | None = None, reason: str = OTHER) -> None:
         self.fail.add(total_ns)
+        self.failures[reason] += 1
         if self.sink is not None:
             self.sink.request(self, False, total_ns, queue_ns)
 
 
 class StatsSink:
-    """Receives every update as it happens (Prometheus histograms hang off this)."""
+    """Receives every update as it happens (Prometheus histograms hang off this).
+
+    Called on the event loop, once per executed batch and once per finished request: keep it cheap.
+    """
 
     def batch(self, stats: ModelStats, timing: BatchTiming) -> None:  # pragma: no cover - interface
         pass

@@ -1,0 +1,1 @@
+"""The REST (HTTP/JSON + binary tensor extension) frontend."""

@@ -1,0 +1,189 @@
+"""Single-model storage: serve a folder that holds one model (not a repository) under one name.
+
+KServe's storage initializer puts an InferenceService's ``storageUri`` at ``/mnt/models``: a
+Triton-style repository, one model folder (``config.pbtxt`` and/or numeric version folders at its
+root), or bare model file(s) (``model.onnx``, ``resnet50.onnx``, ...; a PVC sub-path may even
+mount the file itself there). The repository manager only knows repositories, so for the
+single-model layouts this module builds a small generated repository of symlinks in a temporary
+folder, and the server reads that one instead (``<name>`` is ``--model-name``):
+
+    model folder  <tmp>/<name> -> /mnt/models                 (the whole folder: poll mode sees it change)
+    model file    <tmp>/<name>/1/<entry> -> /mnt/models/<entry>   (every root entry, so external
+                  <tmp>/<name>/1/model.onnx -> the model file         data files sit beside the model)
+                  <tmp>/<name>/config.pbtxt -> /mnt/models/config.pbtxt (when there is one)
+
+A config.pbtxt whose ``name`` differs from ``--model-name`` is copied with the name replaced. The
+config is completed from the model file as for any model (ONNX inputs, outputs, batching).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from server.core.errors import ErrorCode, ServingError
+from server.protos import model_config_pb2 as mc
+
+from . import config as configs
+from . import layout
+from .layout import _SPECIAL_DIRS as SPECIAL_DIRS  # warmup, initial_state, configs
+
+log = logging.getLogger(__name__)
+
+REPOSITORY, MODEL_FOLDER, MODEL_FILE = "repository", "model folder", "model file"
+DEFAULT_NAME = "model"  # KServe's python model server uses the same default
+_CANONICAL = tuple(name for name, _ in layout.FILE_BACKENDS)  # model.onnx, model.pt, model.pt2, model.py
+_SUFFIXES = (".onnx", ".pt", ".pt2")  # any file with one of these names a model when it is alone
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What a --model-repository folder holds."""
+
+    kind: str  # REPOSITORY, MODEL_FOLDER or MODEL_FILE
+    model_file: Path | None = None  # MODEL_FILE: the file to serve
+    config: Path | None = None  # config.pbtxt at the root, if any
+
+
+def _is_version(name: str) -> bool:
+    # the rule layout.versions applies: digits, and no leading zero except "0" itself
+    return name.isdigit() and not (len(name) > 1 and name.startswith("0"))
+
+
+def _model_file(root: Path, files: list[Path]) -> Path | None:
+    names = {f.name: f for f in files}
+    for canonical in _CANONICAL:
+        if canonical in names:
+            return names[canonical]
+    candidates = sorted(f for f in files if f.suffix in _SUFFIXES)
+    if len(candidates) > 1:
+        raise ServingError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"'{root}' holds several model files at its root ({', '.join(f.name for f in candidates)}): "
+            f"keep one, or name the one to serve {' or '.join(_CANONICAL[:2])}",
+        )
+    return candidates[0] if candidates else None
+
+
+def detect(root: Path) -> Detected:
+    """Classify a --model-repository folder; raises FAILED_PRECONDITION when it is neither kind."""
+    if root.is_file() and (root.name in _CANONICAL or root.suffix in _SUFFIXES):
+        return Detected(MODEL_FILE, model_file=root)  # e.g. a PVC sub-path mounted at /mnt/models
+    if not root.is_dir():
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model repository '{root}' is not a directory (nor a model file)")
+    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+    dirs = [e for e in entries if e.is_dir()]
+    files = [e for e in entries if e.is_file()]
+    versions = [d for d in dirs if _is_version(d.name)]
+    others = [d for d in dirs if not _is_version(d.name) and d.name not in SPECIAL_DIRS]
+    config = root / "config.pbtxt"
+    config = config if config.is_file() else None
+    model_file = _model_file(root, files)
+    if config is not None or (versions and not others):
+        if versions:
+            return Detected(MODEL_FOLDER, config=config)
+        if model_file is not None:
+            return Detected(MODEL_FILE, model_file=model_file, config=config)
+        raise ServingError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"'{root}' has a config.pbtxt at its root but no version folder (e.g. '1/') and no model "
+            f"file ({', '.join(_CANONICAL)} or one *.onnx / *.pt / *.pt2 file) beside it",
+        )
+    if model_file is not None:
+        return Detected(MODEL_FILE, model_file=model_file)
+    if others or not entries:
+        return Detected(REPOSITORY)  # an empty repository is valid: models may be loaded later
+    raise ServingError(
+        ErrorCode.FAILED_PRECONDITION,
+        f"'{root}' is neither a model repository (no model folders) nor a single model (no config.pbtxt, "
+        f"numeric version folder, or model file such as {', '.join(_CANONICAL)} at its root); "
+        f"it holds: {', '.join(e.name for e in entries)}",
+    )
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"--model-name '{name}' cannot name a model folder "
+                           "(use letters, digits, '-', '_')")
+
+
+def _config_name(path: Path) -> str:
+    # lenient and quiet: the load parses the file again and reports what is wrong with it
+    proto = mc.ModelConfig()
+    try:
+        text_format.Parse(path.read_text(), proto, allow_unknown_field=True)
+    except (text_format.ParseError, OSError, UnicodeDecodeError):
+        return ""
+    return proto.name
+
+
+def _write_config(source: Path, target: Path, name: str) -> None:
+    # the served name comes from --model-name: a stale `name:` in the file would fail the load
+    proto, _ = configs.parse_text(name, source.read_text())
+    proto.name = name
+    target.write_text(f"# generated by inferd from {source} (name set from --model-name)\n"
+                      + text_format.MessageToString(proto))
+
+
+def materialize(root: Path, found: Detected, name: str, workdir: Path) -> Path:
+    """Build the generated repository for a single model under ``workdir``; returns its path."""
+    _check_name(name)
+    repo = workdir / "repository"
+    model = repo / name
+    repo.mkdir(parents=True, exist_ok=True)
+    root = root.absolute()
+    renamed = found.config is not None and _config_name(found.config) not in ("", name)
+    if found.kind == MODEL_FOLDER and not renamed:
+        model.symlink_to(root, target_is_directory=True)
+        return repo
+    model.mkdir()
+    if found.config is not None:
+        if renamed:
+            _write_config(found.config, model / "config.pbtxt", name)
+            log.info("single model: config.pbtxt names another model; serving it as '%s'", name)
+        else:
+            (model / "config.pbtxt").symlink_to(found.config.absolute())
+    if found.kind == MODEL_FOLDER:
+        for entry in root.iterdir():
+            if entry.name != "config.pbtxt" and not entry.name.startswith("."):
+                (model / entry.name).symlink_to(entry.absolute())
+        return repo
+    version = model / "1"
+    version.mkdir()
+    for entry in root.iterdir() if root.is_dir() else ():
+        if entry.name != "config.pbtxt" and not entry.name.startswith("."):
+            (version / entry.name).symlink_to(entry.absolute())
+    alias = version / ("model" + found.model_file.suffix)
+    if not alias.exists():
+        alias.symlink_to(found.model_file.absolute())
+    return repo
+
+
+def prepare(repositories: list[Path], model_name: str, workdir: Path | None = None) -> list[Path]:
+    """The repository paths to serve: each single-model folder replaced by a generated repository.
+
+    The generated folders live under ``workdir`` (default: a new temporary folder removed at exit).
+    """
+    name = model_name or DEFAULT_NAME
+    result: list[Path] = []
+    for root in repositories:
+        found = detect(root)
+        if found.kind == REPOSITORY:
+            result.append(root)
+            continue
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="inferd-single-"))
+            atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+        target = workdir / str(len(result))
+        result.append(materialize(root, found, name, target))
+        what = found.model_file.name if found.model_file else "its version folders"
+        log.info("'%s' holds a single model (%s, %s): serving it as '%s'", root, found.kind, what, name)
+    return result

@@ -1,0 +1,268 @@
+"""PyTorch backend: TorchScript and torch.export models served through tritonclient.grpc.
+
+Models are built into a temporary repository by scripts/torch_models.py; one server serves
+them all (module scope). GPU tests carry the ``gpu`` marker and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.harness import ServerProcess
+
+torch = pytest.importorskip("torch")
+import torch_models as tm  # noqa: E402  (scripts/ is on sys.path via tests.harness)
+
+INDEXED = """
+max_batch_size: 8
+input [
+  { name: "INPUT__1" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+output [
+  { name: "OUTPUT__1" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+dynamic_batching { preferred_batch_size: [ 8 ] max_queue_delay_microseconds: 300000 }
+instance_group [ { kind: KIND_CPU count: 2 } ]
+"""
+NAMED = """
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [
+  { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+  { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+]
+"""
+SCALE = """
+max_batch_size: 4
+input [ {{ name: "INPUT__0" data_type: TYPE_{t} dims: [ 4 ] }} ]
+output [ {{ name: "OUTPUT__0" data_type: TYPE_{t} dims: [ 4 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+EXPORT = "max_batch_size: 8\ninstance_group [ { kind: KIND_CPU count: 1 } ]\n"
+BAD = {
+    "bad_bytes": SCALE.format(t="STRING"),
+    "bad_no_io": "max_batch_size: 4\n",
+    # two inputs for forward(x), named neither after it nor by index: nothing to bind by
+    "bad_names": SCALE.format(t="FP32").replace(
+        'input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 4 ] } ]',
+        'input [ { name: "WHATEVER" data_type: TYPE_FP32 dims: [ 4 ] },'
+        ' { name: "OTHER" data_type: TYPE_FP32 dims: [ 4 ] } ]'),
+}
+
+
+def _write(repo: Path, name: str, config: str, build, filename: str = "model.pt") -> None:
+    build(repo / name / "1" / filename)
+    (repo / name / "config.pbtxt").write_text(config)
+
+
+@pytest.fixture(scope="module")
+def torch_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("torch_repo")
+    _write(repo, "indexed", INDEXED, tm.add_sub_indexed)
+    _write(repo, "named", NAMED, tm.add_sub_named)
+    _write(repo, "exported", EXPORT, lambda p: tm.add_sub_export(p, torch.float32, 4), "model.pt2")
+    for t in ("FP16", "BF16"):
+        _write(repo, f"scale_{t.lower()}", SCALE.format(t=t), tm.scale)
+    for name, config in BAD.items():
+        _write(repo, name, config, tm.scale)
+    proc = ServerProcess([repo])
+    proc.start(tmp_path_factory.mktemp("logs") / "inferd-torch.log")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(torch_server):
+    with grpcclient.InferenceServerClient(torch_server.grpc_url) as c:
+        yield c
+
+
+def _inputs(arrays: dict[str, np.ndarray], datatype: str) -> list[grpcclient.InferInput]:
+    out = []
+    for name, array in arrays.items():
+        i = grpcclient.InferInput(name, list(array.shape), datatype)
+        i.set_data_from_numpy(array)
+        out.append(i)
+    return out
+
+
+def test_indexed_names_bind_by_position(client):
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.full((2, 4), 0.5, np.float32)
+    result = client.infer("indexed", _inputs({"INPUT__0": a, "INPUT__1": b}, "FP32"))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT__0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT__1"), a - b)
+
+
+def test_forward_argument_names_and_dict_outputs(client):
+    a = np.arange(32, dtype=np.int32).reshape(2, 16)
+    b = np.arange(32, 64, dtype=np.int32).reshape(2, 16)
+    out = [grpcclient.InferRequestedOutput("OUTPUT1")]
+    result = client.infer("named", _inputs({"INPUT0": a, "INPUT1": b}, "INT32"), outputs=out)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    assert result.as_numpy("OUTPUT0") is None
+
+
+def test_torch_export_program_autocompletes_config_and_serves(client):
+    config = client.get_model_config("exported", as_json=True)["config"]
+    assert config["platform"] == "torch_aoti"
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
+        ("INPUT0", "TYPE_FP32", ["4"]), ("INPUT1", "TYPE_FP32", ["4"])]
+    assert [o["name"] for o in config["output"]] == ["OUTPUT0", "OUTPUT1"]
+    a = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    result = client.infer("exported", _inputs({"INPUT0": a, "INPUT1": a * 2}, "FP32"))
+    np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a * 3, rtol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("OUTPUT1"), -a, rtol=1e-6)
+
+
+def test_dynamic_batching_gives_each_request_its_slice(client, torch_server):
+    before = client.get_inference_statistics("indexed", as_json=True)["model_stats"][0]
+    results: dict[int, np.ndarray] = {}
+    errors: list[Exception] = []
+
+    def send(i: int) -> None:
+        try:
+            with grpcclient.InferenceServerClient(torch_server.grpc_url) as c:
+                a = np.full((1, 4), i, np.float32)
+                b = np.arange(4, dtype=np.float32).reshape(1, 4) * i
+                r = c.infer("indexed", _inputs({"INPUT__0": a, "INPUT__1": b}, "FP32"))
+                results[i] = (r.as_numpy("OUTPUT__0"), r.as_numpy("OUTPUT__1"))
+        except Exception as exc:  # surfaced below with the request number
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for i in range(8):
+        np.testing.assert_array_equal(results[i][0], [[i + j * i for j in range(4)]])
+        np.testing.assert_array_equal(results[i][1], [[i - j * i for j in range(4)]])
+    after = client.get_inference_statistics("indexed", as_json=True)["model_stats"][0]
+    inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+    executions = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
+    assert inferences == 8
+    assert executions < 8, "the 8 concurrent requests were never batched together"
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_half_precision_round_trip(client, datatype):
+    dtype = np.float16 if datatype == "FP16" else ml_dtypes.bfloat16
+    values = np.array([[1.0, -2.5, 0.15625, 65280.0 if datatype == "BF16" else 600.0]] * 2).astype(dtype)
+    result = client.infer(f"scale_{datatype.lower()}", _inputs({"INPUT__0": values}, datatype))
+    out = result.as_numpy("OUTPUT__0")
+    assert out.dtype == dtype
+    # doubling is exact in both formats for these values
+    np.testing.assert_array_equal(out.astype(np.float32), values.astype(np.float32) * 2)
+
+
+@pytest.mark.parametrize("model, words", [
+    ("bad_bytes", ["TYPE_STRING", "BYTES", "python model"]),
+    ("bad_no_io", ["config.pbtxt must list inputs and outputs", "TorchScript"]),
+    ("bad_names", ["cannot bind inputs", "WHATEVER", "__<index>"]),
+])
+def test_bad_models_fail_to_load_with_a_reason(client, model, words):
+    rows = [m for m in client.get_model_repository_index(as_json=True)["models"] if m["name"] == model]
+    assert rows and rows[0]["state"] == "UNAVAILABLE"
+    for word in words:
+        assert word in rows[0]["reason"], rows[0]["reason"]
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(model, _inputs({"INPUT__0": np.zeros((1, 4), np.float32)}, "FP32"))
+    assert words[0] in err.value.message()  # the request learns why the model is not there
+
+
+def test_registry_reports_missing_torch_in_process(monkeypatch):
+    """The registry turns 'import torch' failing into FAILED_PRECONDITION with the install hint.
+
+    Simulated: ``sys.modules['torch'] = None`` makes ``import torch`` raise ImportError here.
+    """
+    from server.core.errors import ErrorCode, ServingError
+    from server.repository import backends
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "backends.pytorch", raising=False)
+    with pytest.raises(ServingError) as err:
+        backends.find("pytorch")
+    assert err.value.code == ErrorCode.FAILED_PRECONDITION
+    assert "pip install 'inferd[torch]'" in err.value.message
+
+
+def test_server_without_torch_serves_onnx_and_explains_pytorch(tmp_path, start_server):
+    """A server whose ``import torch`` fails (simulated: a stand-in ``torch`` package that raises
+    ImportError comes first on PYTHONPATH) still serves ONNX, and the PyTorch model's load error
+    says how to install torch."""
+    import onnx_models
+
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'torch' (simulated)\")\n")
+    repo = tmp_path / "repo"
+    onnx_models.add_sub(repo / "onnx_add_sub" / "1" / "model.onnx")
+    (repo / "torch_model" / "1").mkdir(parents=True)
+    (repo / "torch_model" / "1" / "model.pt").write_bytes(b"never read")
+    (repo / "torch_model" / "config.pbtxt").write_text(SCALE.format(t="FP32"))
+    server = start_server([repo], env={"PYTHONPATH": str(tmp_path / "no_torch")})
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        a = np.arange(16, dtype=np.int32).reshape(1, 16)
+        r = c.infer("onnx_add_sub", _inputs({"INPUT0": a, "INPUT1": a}, "INT32"))
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a * 2)
+        row = next(m for m in c.get_model_repository_index(as_json=True)["models"] if m["name"] == "torch_model")
+    assert row["state"] == "UNAVAILABLE"
+    assert "simulated" in row["reason"] and "pip install 'inferd[torch]'" in row["reason"], row["reason"]
+
+
+# ---------------------------------------------------------------- GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_matches_cpu_and_frees_memory(tmp_path):
+    from backends.pytorch import PyTorchBackend
+    from server.core.backend import LoadContext
+    from server.core.config import ModelConfig, TensorConfig
+
+    path = tm.mlp(tmp_path / "1" / "model.pt")
+    config = ModelConfig(name="mlp", max_batch_size=64, inputs=(TensorConfig("INPUT__0", "FP32", (512,)),),
+                         outputs=(TensorConfig("OUTPUT__0", "FP32", (16,)),))
+
+    def load(device: str) -> PyTorchBackend:
+        return PyTorchBackend.load(LoadContext("mlp", 1, tmp_path, tmp_path / "1", path, config, device,
+                                               "i", 0, 1))
+
+    x = np.random.default_rng(3).standard_normal((32, 512)).astype(np.float32)
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated(0)
+    gpu = load("cuda:0")
+    assert torch.cuda.memory_allocated(0) > baseline
+    got = gpu.execute({"INPUT__0": x}, ["OUTPUT__0"])["OUTPUT__0"]
+    np.testing.assert_allclose(got, tm.dense_reference(tm.MLP_SIZES, tm.MLP_SEED, x), rtol=1e-3, atol=2e-3)
+    gpu.close()
+    assert torch.cuda.memory_allocated(0) <= baseline
+
+
+@pytest.mark.gpu
+def test_gpu_instances_serve_batched_requests(tmp_path, start_server):
+    config = INDEXED.replace("KIND_CPU count: 2", "KIND_GPU count: 2 gpus: [ 0 ]")
+    _write(tmp_path / "repo", "indexed_gpu", config, tm.add_sub_indexed)
+    server = start_server([tmp_path / "repo"])
+    rng = np.random.default_rng(5)
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        for batch in (1, 3, 8):
+            a, b = rng.standard_normal((2, batch, 4)).astype(np.float32)
+            r = c.infer("indexed_gpu", _inputs({"INPUT__0": a, "INPUT__1": b}, "FP32"))
+            np.testing.assert_allclose(r.as_numpy("OUTPUT__0"), a + b, rtol=1e-6)
+            np.testing.assert_allclose(r.as_numpy("OUTPUT__1"), a - b, rtol=1e-6)
