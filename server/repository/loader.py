@@ -38,11 +38,26 @@ class LoadResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def usable_cores() -> int:
+    """Cores this process may use: CPU affinity, capped by a cgroup v2 quota (a pod's CPU limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     default_max_batch_size: int = 4
     auto_complete: bool = True
-    cores: int = os.cpu_count() or 1
+    cores: int = field(default_factory=usable_cores)
 
 
 def _placements(config: core.ModelConfig) -> list[tuple[str, str]]:
