@@ -29,7 +29,8 @@ import itertools
 import logging
 import re
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class PythonBackend(Backend):
         self._types = {s.name: s.datatype for s in ctx.config.outputs}
 
     @classmethod
-    def load(cls, ctx: LoadContext) -> "PythonBackend":
+    def load(cls, ctx: LoadContext) -> PythonBackend:
         if not ctx.config.inputs or not ctx.config.outputs:
             # checked before importing so user code never runs with a half-made config
             raise _precondition(ctx.model_name, "a python model's config.pbtxt must list its inputs and outputs")

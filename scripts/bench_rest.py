@@ -7,9 +7,11 @@ Builds a repository in a temporary folder (``add_sub``: INT32 [1,16] x 2, dynami
 build_models.py; ``identity_4m``: FP32 [1, 1048576] = 4 MiB in and out), starts ``inferd`` on free
 loopback ports, checks one answer per transport, then runs each (model, transport) pair for
 ``--seconds`` with ``--concurrency`` requests always in flight, interleaved over ``--rounds`` (the
-median round is reported). Server CPU per request (from /proc) is printed too: unlike req/s it
-hardly moves when other jobs share the machine. Clients are async (aiohttp for REST, grpc.aio stubs
-for gRPC) in one process separate from the server, so the client costs less CPU than the server.
+median round is reported). Server and client CPU per request are printed too: unlike req/s they
+hardly move when other jobs share the machine. Clients are async and run in one process separate
+from the server: grpc.aio stubs for gRPC; for REST a minimal keep-alive HTTP/1.1 client with
+pre-encoded requests (``--rest-client aiohttp`` uses aiohttp's client instead), so that neither
+client is the bottleneck.
 """
 
 from __future__ import annotations
@@ -148,25 +150,61 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+class RawHttp:
+    """A minimal HTTP/1.1 keep-alive client (one connection per worker, requests pre-encoded): like
+    wrk, it costs the client as little CPU as possible, so the server is what gets measured."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.idle:
+            reader, writer = self.idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(request)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in head[1:] if line)
+        headers = {k.lower(): v for k, v in headers.items()}
+        body = await reader.readexactly(int(headers["content-length"]))
+        self.idle.append((reader, writer))
+        return int(head[0].split()[1]), headers, body
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
 async def bench(http_port: int, grpc_port: int, server_pid: int, args) -> list[dict]:
     rows: dict[tuple[str, str], list[dict]] = {}
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     options = [("grpc.max_send_message_length", _MAX), ("grpc.max_receive_message_length", _MAX)]
+    raw = RawHttp(http_port)
     async with (
         aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
         grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}", options=options) as channel,
     ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for w in workloads():
-            url = f"http://127.0.0.1:{http_port}/v2/models/{w.model}/infer"
+            path = f"/v2/models/{w.model}/infer"
+            wire = (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(w.rest_body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in w.rest_headers.items())
+                + "\r\n"
+            ).encode() + w.rest_body
+            url = f"http://127.0.0.1:{http_port}{path}"
 
-            async def rest(w=w, url=url, check=False) -> None:
-                async with session.post(url, data=w.rest_body, headers=w.rest_headers) as r:
-                    body = await r.read()
-                    if r.status != 200:
-                        raise RuntimeError(f"REST {r.status}: {body[:300]!r}")
-                    if check:
-                        w.check_rest(body, int(r.headers["Inference-Header-Content-Length"]))
+            async def rest(w=w, url=url, wire=wire, check=False) -> None:
+                if args.rest_client == "raw":
+                    status, headers, body = await raw.post(wire)
+                else:
+                    async with session.post(url, data=w.rest_body, headers=w.rest_headers) as r:
+                        status, headers, body = r.status, r.headers, await r.read()
+                if status != 200:
+                    raise RuntimeError(f"REST {status}: {body[:300]!r}")
+                if check:
+                    w.check_rest(body, int(headers["inference-header-content-length"]))
 
             async def grpc_call(w=w, check=False) -> None:
                 response = await stub.ModelInfer(w.grpc_request)
@@ -178,9 +216,9 @@ async def bench(http_port: int, grpc_port: int, server_pid: int, args) -> list[d
             for _ in range(args.rounds):
                 for transport, call in (("rest-binary", rest), ("grpc", grpc_call)):
                     await closed_loop(call, min(1.0, args.seconds), args.concurrency)  # warm up
-                    cpu = cpu_seconds(server_pid)
+                    cpu, mine = cpu_seconds(server_pid), time.process_time()
                     count, lat = await closed_loop(call, args.seconds, args.concurrency)
-                    cpu = cpu_seconds(server_pid) - cpu
+                    cpu, mine = cpu_seconds(server_pid) - cpu, time.process_time() - mine
                     rows.setdefault((w.model, transport), []).append(
                         {
                             "model": w.model,
@@ -190,16 +228,24 @@ async def bench(http_port: int, grpc_port: int, server_pid: int, args) -> list[d
                             "p99": float(np.percentile(lat, 99)),
                             "mib": count * len(w.rest_body) / args.seconds / 2**20,
                             "cpu_us": cpu / max(count, 1) * 1e6,
+                            "client_us": mine / max(count, 1) * 1e6,
                         }
                     )
-                    print(f"  {w.model:12s} {transport:12s} {count / args.seconds:8.1f} req/s", flush=True)
+                    row = rows[(w.model, transport)][-1]
+                    print(
+                        f"  {w.model:12s} {transport:12s} {row['rps']:8.1f} req/s  "
+                        f"server {row['cpu_us']:6.0f} us/req  client {row['client_us']:6.0f} us/req",
+                        flush=True,
+                    )
+    raw.close()
     return [sorted(runs, key=lambda r: r["rps"])[len(runs) // 2] for runs in rows.values()]
 
 
 def report(rows: list[dict]) -> str:
     lines = [
-        "| model | transport | req/s | MiB/s in | p50 ms | p99 ms | server CPU us/req | REST-binary / gRPC |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | transport | req/s | MiB/s in | p50 ms | p99 ms | server CPU us/req | client CPU us/req "
+        "| REST-binary / gRPC |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by = {(r["model"], r["transport"]): r for r in rows}
     for r in rows:
@@ -208,7 +254,7 @@ def report(rows: list[dict]) -> str:
             ratio = f"{r['rps'] / by[(r['model'], 'grpc')]['rps']:.2f}"
         lines.append(
             f"| {r['model']} | {r['transport']} | {r['rps']:.0f} | {r['mib']:.1f} | {r['p50']:.2f} | "
-            f"{r['p99']:.2f} | {r['cpu_us']:.0f} | {ratio} |"
+            f"{r['p99']:.2f} | {r['cpu_us']:.0f} | {r['client_us']:.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -238,6 +284,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run (default 10)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the median is reported")
+    parser.add_argument(
+        "--rest-client",
+        choices=["raw", "aiohttp"],
+        default="raw",
+        help="REST client: a minimal keep-alive HTTP/1.1 client (default) or aiohttp's",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"

@@ -111,7 +111,8 @@ build_chroot() {
                 debootstrap --variant=minbase "$SUITE" "$CHROOT" "$MIRROR" >"$CHROOT.debootstrap.log" 2>&1; then
             tail -n 30 "$CHROOT.debootstrap.log" >&2 || true
             [ -f "$CHROOT/debootstrap/debootstrap.log" ] && tail -n 30 "$CHROOT/debootstrap/debootstrap.log" >&2
-            die "debootstrap failed (full log: $CHROOT.debootstrap.log); is $MIRROR reachable and does this debootstrap know '$SUITE'?"
+            die "debootstrap failed (full log: $CHROOT.debootstrap.log);" \
+                "is $MIRROR reachable and does this debootstrap know '$SUITE'?"
         fi
         rm -f "$CHROOT.debootstrap.log"
         touch "$BOOTSTRAPPED"
@@ -141,8 +142,8 @@ build_chroot() {
     # The wheel's console script (perf_analyzer.cli:main) runs the binary with
     # subprocess.run and drops its exit code, so call the binary directly.
     local bin
-    bin=$(chroot_run "$VENV/bin/python" -c \
-        'import pathlib, perf_analyzer; print(pathlib.Path(perf_analyzer.__file__).parent / "bin" / "perf_analyzer")') \
+    bin=$(chroot_run "$VENV/bin/python" -c 'import pathlib, perf_analyzer
+print(pathlib.Path(perf_analyzer.__file__).parent / "bin" / "perf_analyzer")') \
         || die "cannot locate the perf_analyzer binary in the venv"
     [ -x "$CHROOT$bin" ] || die "perf_analyzer binary not found at $bin inside the chroot"
     ln -sfn "$bin" "$CHROOT/usr/local/bin/perf_analyzer"

@@ -70,7 +70,7 @@ def mlp(path: Path) -> Path:
 class AddSubNamed(torch.nn.Module):
     """forward(INPUT0, INPUT1) -> {"OUTPUT0": sum, "OUTPUT1": difference}: binds by name."""
 
-    def forward(self, INPUT0: torch.Tensor, INPUT1: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: N803
+    def forward(self, INPUT0: torch.Tensor, INPUT1: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"OUTPUT0": INPUT0 + INPUT1, "OUTPUT1": INPUT0 - INPUT1}
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+import time
 
 from server.core.errors import ServingError
 from server.dataplane import DataPlane
@@ -14,8 +17,10 @@ from server.frontends.http.server import HttpFrontend
 from server.repository import single
 from server.repository.loader import LoadOptions
 from server.repository.manager import RepositoryManager
+from server.repository.poller import RepositoryPoller
 from server.settings import Settings
 from server.telemetry.metrics import Metrics, MetricsServer
+from server.telemetry.tracing import Tracing
 
 log = logging.getLogger("inferd")
 
@@ -35,8 +40,11 @@ class App:
         self.repository = RepositoryManager(repositories, options, sink=self.metrics)
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, settings.model_control_mode, settings.strict_readiness)
+        # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
+        self.tracing = self.dataplane.tracing = self.repository.tracing = Tracing.from_flags(settings.trace_config)
         self.grpc: GrpcFrontend | None = None
         self.http: HttpFrontend | None = None
+        self.poller: RepositoryPoller | None = None
         self._stop = asyncio.Event()
         self._signals = 0
 
@@ -52,6 +60,9 @@ class App:
             self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes)
             await self.http.start()
         await self._initial_load()
+        if s.model_control_mode == "poll":
+            self.poller = RepositoryPoller(self.repository, s.repository_poll_secs)
+            self.poller.start()
         self.dataplane.started = True
         if self.grpc:
             await self.grpc.sync_health()
@@ -67,14 +78,18 @@ class App:
         for name in names:
             try:
                 await self.repository.load(name)
-            except Exception as exc:  # reported in the index and the log; the others keep loading
+            except Exception as exc:  # noqa: BLE001 - reported in the index and the log; the others keep loading
                 log.error("model '%s' is not serving: %s", name, getattr(exc, "message", exc))
 
     def request_stop(self) -> None:
         self._signals += 1
         if self._signals > 1:
-            log.warning("second signal: stopping now")
-            raise SystemExit(1)
+            # the operator insists: no drain, no cleanup that could block on a busy instance thread
+            log.warning("second signal: stopping now, abandoning in-flight requests")
+            sys.stderr.flush()
+            os._exit(1)
+        # not ready and refusing new work from this moment; the drain itself runs in stop()
+        self.dataplane.draining = True
         log.info("stopping: draining in-flight requests (up to %ss)", self.settings.exit_timeout_secs)
         self._stop.set()
 
@@ -87,19 +102,26 @@ class App:
         await self.stop()
 
     async def stop(self) -> None:
+        """Drain: refuse new work (UNAVAILABLE, not ready) while the frontends keep answering, let
+        queued and in-flight requests finish, then close; all within --exit-timeout-secs."""
+        deadline = time.monotonic() + self.settings.exit_timeout_secs
         self.dataplane.draining = True
         if self.grpc:
             await self.grpc.health.enter_graceful_shutdown()
+        if self.poller:
+            await self.poller.stop()
         try:
-            await asyncio.wait_for(self.repository.shutdown(), self.settings.exit_timeout_secs)
+            await asyncio.wait_for(self.repository.shutdown(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            log.warning("exit timeout reached with requests still in flight")
-        if self.grpc:
-            await self.grpc.stop(grace=1.0)
+            log.warning("exit timeout reached with requests still in flight: they are cancelled")
+        log.info("drained; closing the frontends")
+        if self.grpc:  # the drained responses are written by now; a short grace lets them flush
+            await self.grpc.stop(grace=min(1.0, max(0.1, deadline - time.monotonic())))
         if self.http:  # after the drain: readiness stays observable (503) until then
             await self.http.stop()
         if self.metrics_server:  # last: the drain stays observable
             await self.metrics_server.stop()
+        await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still queued
         log.info("inferd stopped")
 
 

@@ -12,13 +12,14 @@ from server.core.errors import ErrorCode, ServingError, unavailable
 from server.core.types import InferRequest, InferResponse, Tensor
 from server.repository import config as configs
 from server.repository.manager import ModelVersion, RepositoryManager
+from server.telemetry.tracing import Tracing
 
 from . import validation
 
 log = logging.getLogger(__name__)
 
 # extensions that really work; frontends list these in ServerMetadata
-EXTENSIONS = ["model_configuration", "statistics", "schedule_policy"]
+EXTENSIONS = ["model_configuration", "statistics", "schedule_policy", "model_repository", "trace"]
 
 
 class DataPlane:
@@ -29,6 +30,7 @@ class DataPlane:
         self.strict_readiness = strict_readiness
         self.started = False  # initial model loading finished
         self.draining = False
+        self.tracing = Tracing()  # off; the app installs the configured one
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -81,20 +83,43 @@ class DataPlane:
         if self.control_mode != "explicit":
             raise unavailable("explicit model load / unload is not allowed: the server runs with "
                               f"--model-control-mode={self.control_mode} (use explicit)")
+        if self.draining:
+            raise unavailable("the server is shutting down and accepts no model load / unload")
 
     async def load(self, name: str, config: str | None = None, files: dict[str, bytes] | None = None) -> None:
+        """(Re)load ``name``; ``config`` (ModelConfig JSON) replaces config.pbtxt for this load, and
+        ``files`` (``<version>/<file>`` -> bytes) replace the model folder, as Triton's parameters do."""
         self._check_control()
-        if files:
-            raise ServingError(ErrorCode.UNIMPLEMENTED, "'file:' load parameters are not supported yet")
-        await self.repository.load(name, config)
+        if files and config is None:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                               f"failed to load '{name}': 'file:' load parameters need the 'config' parameter "
+                               "too (the configuration of the model those files make up)")
+        await self.repository.load(name, config, files or None)
 
     async def unload(self, name: str) -> None:
         self._check_control()
         await self.repository.unload(name)
 
+    # -- trace extension ---------------------------------------------------------------------
+
+    def trace_settings(self, model: str = "", changes: dict[str, list[str] | None] | None = None,
+                       update: bool = False) -> dict[str, list[str]]:
+        """Read (or with ``update``, change) the global or a model's trace settings; ``changes`` None
+        with ``update`` drops the model's own settings."""
+        if model and not self.repository.known(model):
+            raise ServingError(ErrorCode.NOT_FOUND, f"trace setting for unknown model '{model}'")
+        if not update:
+            return self.tracing.get_settings(model)
+        return self.tracing.update_settings(model, changes)
+
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        if request.trace is not None:  # traced: the same path inside the request's server span
+            return await self.tracing.infer(self._infer, request)
+        return await self._infer(request)
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
         if self.draining:
             raise unavailable("the server is shutting down and accepts no new requests")
         mv = self.repository.get(request.model_name, request.model_version)

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.telemetry import trace_config
+
 MAX_MESSAGE = 2**31 - 1  # what Triton and tritonclient use
 
 
@@ -39,6 +41,8 @@ class Settings:
     default_max_batch_size: int = 4
     model_name: str = ""
     log_verbose: int = 0
+    # --trace-config items, Triton's syntax (checked by telemetry/trace_config.py; OTEL_* add to them)
+    trace_config: list[str] = field(default_factory=list)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=os.environ.get("MODEL_NAME", ""),
                    help="name to serve a single-model folder under")
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--trace-config", action="append", default=[], metavar="[opentelemetry,]SETTING=VALUE",
+                   help="tracing, as Triton spells it (repeatable): level=TIMESTAMPS|OFF, rate=N (1 in N), "
+                        "count=N, mode=opentelemetry, opentelemetry,url=HOST:PORT, opentelemetry,resource=K=V, "
+                        "opentelemetry,bsp_schedule_delay=MS ...; the OTEL_* environment variables apply too")
     return p
 
 
@@ -94,7 +102,12 @@ def from_args(argv: list[str] | None = None) -> Settings:
         auto_complete_config=args.auto_complete_config,
         model_name=args.model_name,
         log_verbose=args.log_verbose,
+        trace_config=args.trace_config,
     )
+    try:  # a bad item stops the start with its name, not a traceback later
+        trace_config.parse(settings.trace_config)
+    except ValueError as exc:
+        p.error(str(exc))
     for item in args.backend_config:
         key, _, value = item.rpartition(",")[2].partition("=")
         if key == "default-max-batch-size":

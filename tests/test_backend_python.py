@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -13,7 +14,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.cases import CASES, check
 from tests.harness import ROOT, ServerProcess
+from tests.test_conformance import TRANSPORTS
 
 FP32_IO = """
 backend: "python"
@@ -21,6 +24,15 @@ max_batch_size: 8
 input [ { name: "X" data_type: TYPE_FP32 dims: [ 3 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ 3 ] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+# the ONNX "simple" model's twin, for the shared conformance cases
+SIMPLE = (ROOT / "model_repository" / "simple" / "config.pbtxt").read_text().replace(
+    'name: "simple"', 'name: "simple_python"').replace('platform: "onnxruntime_onnx"', 'backend: "python"')
+SIMPLE_PY = """
+class TritonPythonModel:
+    def execute(self, inputs):
+        a, b = inputs["INPUT0"], inputs["INPUT1"]
+        return {"OUTPUT0": a + b, "OUTPUT1": a - b}
 """
 MODELS = {
     # fails its batch on negative input, serves everything else
@@ -68,6 +80,7 @@ class TritonPythonModel:
         sys.exit(3)
 """),
     "no_class": (FP32_IO, "x = 1\n"),
+    "simple_python": (SIMPLE, SIMPLE_PY),
     "init_fails": (FP32_IO, """
 class TritonPythonModel:
     def initialize(self, config):
@@ -129,6 +142,27 @@ def _expected_ids(text: bytes, width: int = 8, vocab: int = 30000) -> tuple[list
     words = re.findall(r"\w+", text.decode().lower())
     ids = [zlib.crc32(w.encode()) % vocab + 1 for w in words[:width]]
     return ids + [0] * (width - len(ids)), len(words)
+
+
+@pytest.mark.parametrize("transport_cls", TRANSPORTS, ids=lambda t: t.name)
+def test_simple_conformance_cases(python_server, transport_cls):
+    """Every conformance case of the ONNX ``simple`` model holds for its Python-backend twin."""
+    transport = transport_cls(python_server)
+    failures = []
+    try:
+        for case in CASES:
+            if case.model != "simple" or not transport_cls.accepts(case):
+                continue
+            fail = case.fail and dataclasses.replace(
+                case.fail, says=tuple(s.replace("'simple'", "'simple_python'") for s in case.fail.says))
+            case = dataclasses.replace(case, model="simple_python", fail=fail)
+            try:
+                check(case, transport.infer(case))
+            except AssertionError as exc:
+                failures.append(f"{case.id}: {exc}")
+    finally:
+        transport.close()
+    assert not failures, "\n".join(failures)
 
 
 def test_documented_example_serves_batches(client):

@@ -6,6 +6,7 @@ them all (module scope). GPU tests carry the ``gpu`` marker and skip without CUD
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from pathlib import Path
@@ -16,10 +17,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import ServerProcess
+from tests.cases import CASES, check
+from tests.harness import ROOT, ServerProcess
+from tests.test_conformance import TRANSPORTS
 
 torch = pytest.importorskip("torch")
-import torch_models as tm  # noqa: E402  (scripts/ is on sys.path via tests.harness)
+import torch_models as tm  # scripts/ is on sys.path via tests.harness
 
 INDEXED = """
 max_batch_size: 8
@@ -52,7 +55,6 @@ input [ {{ name: "INPUT__0" data_type: TYPE_{t} dims: [ 4 ] }} ]
 output [ {{ name: "OUTPUT__0" data_type: TYPE_{t} dims: [ 4 ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
-EXPORT = "max_batch_size: 8\ninstance_group [ { kind: KIND_CPU count: 1 } ]\n"
 BAD = {
     "bad_bytes": SCALE.format(t="STRING"),
     "bad_no_io": "max_batch_size: 4\n",
@@ -74,11 +76,14 @@ def torch_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("torch_repo")
     _write(repo, "indexed", INDEXED, tm.add_sub_indexed)
     _write(repo, "named", NAMED, tm.add_sub_named)
-    _write(repo, "exported", EXPORT, lambda p: tm.add_sub_export(p, torch.float32, 4), "model.pt2")
     for t in ("FP16", "BF16"):
         _write(repo, f"scale_{t.lower()}", SCALE.format(t=t), tm.scale)
     for name, config in BAD.items():
         _write(repo, name, config, tm.scale)
+    # twins of the ONNX "simple" model for the shared conformance cases
+    _write(repo, "simple_torch", (ROOT / "model_repository" / "simple_torch" / "config.pbtxt").read_text(),
+           tm.add_sub_named)
+    _write(repo, "simple_export", "max_batch_size: 8\n", tm.add_sub_export, "model.pt2")
     proc = ServerProcess([repo])
     proc.start(tmp_path_factory.mktemp("logs") / "inferd-torch.log")
     yield proc
@@ -100,6 +105,32 @@ def _inputs(arrays: dict[str, np.ndarray], datatype: str) -> list[grpcclient.Inf
     return out
 
 
+def renamed(case, model: str):
+    """A conformance case of the ONNX ``simple`` model, sent to its twin ``model`` instead."""
+    fail = case.fail and dataclasses.replace(
+        case.fail, says=tuple(s.replace("'simple'", f"'{model}'") for s in case.fail.says))
+    return dataclasses.replace(case, model=model, fail=fail)
+
+
+@pytest.mark.parametrize("transport_cls", TRANSPORTS, ids=lambda t: t.name)
+@pytest.mark.parametrize("model", ["simple_torch", "simple_export"])
+def test_simple_conformance_cases(torch_server, model, transport_cls):
+    """Every conformance case of the ONNX ``simple`` model holds for its TorchScript and
+    torch.export twins, through every transport of the conformance suite."""
+    transport = transport_cls(torch_server)
+    failures = []
+    try:
+        for case in (renamed(c, model) for c in CASES if c.model == "simple"):
+            if transport_cls.accepts(case):
+                try:
+                    check(case, transport.infer(case))
+                except AssertionError as exc:
+                    failures.append(f"{case.id}: {exc}")
+    finally:
+        transport.close()
+    assert not failures, "\n".join(failures)
+
+
 def test_indexed_names_bind_by_position(client):
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
     b = np.full((2, 4), 0.5, np.float32)
@@ -118,15 +149,15 @@ def test_forward_argument_names_and_dict_outputs(client):
 
 
 def test_torch_export_program_autocompletes_config_and_serves(client):
-    config = client.get_model_config("exported", as_json=True)["config"]
-    assert config["platform"] == "torch_aoti"
+    config = client.get_model_config("simple_export", as_json=True)["config"]
+    assert config["platform"] == "torch_aoti" and config["backend"] == "pytorch"
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
-        ("INPUT0", "TYPE_FP32", ["4"]), ("INPUT1", "TYPE_FP32", ["4"])]
+        ("INPUT0", "TYPE_INT32", ["16"]), ("INPUT1", "TYPE_INT32", ["16"])]
     assert [o["name"] for o in config["output"]] == ["OUTPUT0", "OUTPUT1"]
-    a = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    result = client.infer("exported", _inputs({"INPUT0": a, "INPUT1": a * 2}, "FP32"))
-    np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a * 3, rtol=1e-6)
-    np.testing.assert_allclose(result.as_numpy("OUTPUT1"), -a, rtol=1e-6)
+    a = np.random.default_rng(0).integers(-1000, 1000, (3, 16)).astype(np.int32)
+    result = client.infer("simple_export", _inputs({"INPUT0": a, "INPUT1": a * 2}, "INT32"))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a * 3)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), -a)
 
 
 def test_dynamic_batching_gives_each_request_its_slice(client, torch_server):
@@ -226,6 +257,67 @@ def test_server_without_torch_serves_onnx_and_explains_pytorch(tmp_path, start_s
     assert "simulated" in row["reason"] and "pip install 'inferd[torch]'" in row["reason"], row["reason"]
 
 
+def test_each_instance_keeps_its_thread_count(tmp_path):
+    """Two instances with different intra-op sizes, each executed on its own thread, interleaved:
+    each thread keeps its instance's team size although torch's default is process-wide."""
+    from backends.pytorch import PyTorchBackend
+    from server.core.backend import LoadContext
+    from server.core.config import ModelConfig, TensorConfig
+
+    path = tm.scale(tmp_path / "1" / "model.pt")
+    x = np.ones((2, 4), np.float32)
+    seen: dict[int, list[int]] = {1: [], 2: []}
+    turns = [threading.Event() for _ in range(4)]
+
+    def instance(threads: int, my_turns: list[int]) -> None:
+        config = ModelConfig(name="s", max_batch_size=4, inputs=(TensorConfig("INPUT__0", "FP32", (4,)),),
+                             outputs=(TensorConfig("OUTPUT__0", "FP32", (4,)),),
+                             parameters={"INTRA_OP_THREAD_COUNT": str(threads)})
+        backend = PyTorchBackend.load(LoadContext("s", 1, tmp_path, tmp_path / "1", path, config, "cpu",
+                                                  f"s_{threads}", threads, 1))
+        for turn in my_turns:
+            if turn:
+                turns[turn - 1].wait(30)
+            np.testing.assert_array_equal(backend.execute({"INPUT__0": x}, ["OUTPUT__0"])["OUTPUT__0"], x * 2)
+            if turn >= 2:  # read after the other instance has set its own count in between
+                seen[threads].append(torch.get_num_threads())
+            turns[turn].set()
+
+    workers = [threading.Thread(target=instance, args=(1, [0, 2])), threading.Thread(target=instance, args=(2, [1, 3]))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert seen == {1: [1], 2: [2]}
+
+
+@pytest.mark.parametrize("cores, share, expected", [(8, 8, 7), (8, 4, 4), (2, 2, 1), (2, 1, 1), (1, 1, 1)])
+def test_default_threads_leave_a_core_to_the_server(monkeypatch, cores, share, expected):
+    import backends.pytorch as bp
+
+    monkeypatch.setattr(bp.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert bp._default_threads(share) == expected
+
+
+def test_close_frees_the_module(tmp_path):
+    import weakref
+
+    from backends.pytorch import PyTorchBackend
+    from server.core.backend import LoadContext
+    from server.core.config import ModelConfig, TensorConfig
+
+    path = tm.mlp(tmp_path / "1" / "model.pt")
+    config = ModelConfig(name="mlp", max_batch_size=8, inputs=(TensorConfig("INPUT__0", "FP32", (512,)),),
+                         outputs=(TensorConfig("OUTPUT__0", "FP32", (16,)),))
+    backend = PyTorchBackend.load(LoadContext("mlp", 1, tmp_path, tmp_path / "1", path, config, "cpu", "i", 0, 1))
+    x = np.random.default_rng(2).standard_normal((3, 512)).astype(np.float32)
+    got = backend.execute({"INPUT__0": x}, ["OUTPUT__0"])["OUTPUT__0"]
+    np.testing.assert_allclose(got, tm.dense_reference(tm.MLP_SIZES, tm.MLP_SEED, x), rtol=1e-4, atol=1e-4)
+    module = weakref.ref(backend._module)
+    backend.close()
+    assert module() is None, "the module (and its weights) outlives close()"
+
+
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 
 
@@ -244,14 +336,19 @@ def test_gpu_backend_matches_cpu_and_frees_memory(tmp_path):
                                                "i", 0, 1))
 
     x = np.random.default_rng(3).standard_normal((32, 512)).astype(np.float32)
-    torch.cuda.empty_cache()
+    sizes = tm.MLP_SIZES
+    weight_bytes = 4 * sum(a * b + b for a, b in zip(sizes, sizes[1:]))
     baseline = torch.cuda.memory_allocated(0)
     gpu = load("cuda:0")
-    assert torch.cuda.memory_allocated(0) > baseline
+    assert torch.cuda.memory_allocated(0) - baseline >= weight_bytes  # the weights live on the GPU
     got = gpu.execute({"INPUT__0": x}, ["OUTPUT__0"])["OUTPUT__0"]
     np.testing.assert_allclose(got, tm.dense_reference(tm.MLP_SIZES, tm.MLP_SEED, x), rtol=1e-3, atol=2e-3)
+    # cuBLAS keeps a workspace per stream after the first matmul; the weights must go at close
+    before_close, reserved = torch.cuda.memory_allocated(0), torch.cuda.memory_reserved(0)
     gpu.close()
-    assert torch.cuda.memory_allocated(0) <= baseline
+    assert before_close - torch.cuda.memory_allocated(0) >= weight_bytes
+    # and empty_cache handed the weights' blocks back to the driver
+    assert reserved - torch.cuda.memory_reserved(0) >= weight_bytes // 2
 
 
 @pytest.mark.gpu

@@ -343,7 +343,6 @@ def _good_binary():
         ("header-length-text", "Inference-Header-Content-Length must be a non-negative decimal integer"),
         ("header-length-negative", "Inference-Header-Content-Length must be a non-negative decimal integer"),
         ("header-length-too-big", "but the request body has only"),
-        ("header-length-zero", "Inference-Header-Content-Length is 0"),
         ("header-length-cuts-json", "malformed JSON in the inference request header"),
         ("leftover-bytes", "unexpected additional input data: 3 bytes"),
         ("short-blob", "'INPUT1' has binary_data_size 64 but only 60 bytes"),
@@ -382,8 +381,6 @@ def test_malformed_request_bodies(base, case, says):
         headers[HEADER_LENGTH] = "-5"
     elif case == "header-length-too-big":
         headers[HEADER_LENGTH] = str(len(body) + 1)
-    elif case == "header-length-zero":
-        headers[HEADER_LENGTH] = "0"
     elif case == "header-length-cuts-json":
         headers[HEADER_LENGTH] = str(length - 5)
     elif case == "leftover-bytes":
@@ -426,6 +423,11 @@ def test_malformed_request_bodies(base, case, says):
     assert says in answer.error, answer.error
 
 
+def test_raw_binary_request_is_not_implemented(base):
+    answer = call(base, "POST", SIMPLE, A.tobytes() + B.tobytes(), {HEADER_LENGTH: "0"})
+    assert answer.status == 501 and "raw binary request" in answer.error
+
+
 def test_unknown_model_and_version(base):
     body, headers = _good_binary()
     answer = call(base, "POST", "/v2/models/no_such_model/infer", body, headers)
@@ -457,7 +459,7 @@ def test_client_leaving_mid_body_harms_nothing(models_server):
         sock.sendall(
             f"POST {SIMPLE} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{head}\r\nzz\r\n".encode()
         )
-        assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        assert sock.recv(100).split(b" ")[1] == b"400"  # aiohttp's own parser answers this one
     answer = call(models_server.http_url, "POST", SIMPLE, body, headers)
     assert answer.status == 200
     assert "Traceback" not in models_server.log()

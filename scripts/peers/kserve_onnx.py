@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 from importlib import metadata
 from typing import Dict, List, Optional
 
@@ -156,6 +157,22 @@ class OnnxModel(Model):
         return self._run(payload)
 
 
+def require_free_ports(**ports: int) -> None:
+    """Exits if a port is taken. gRPC servers bind with SO_REUSEPORT, so a second server on
+    a busy gRPC port starts without error and the two silently share the traffic."""
+    import socket
+
+    for what, port in ports.items():
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError as e:
+                sys.exit(f"{what} {port} is not free: {e}")
+
+
 def _add_triton_model_config(model: OnnxModel) -> None:
     import importlib.util
 
@@ -186,6 +203,7 @@ def main() -> None:
     args, _ = parser.parse_known_args()
     if not os.path.isfile(args.model_file):
         parser.error(f"--model_file {args.model_file}: no such file")
+    require_free_ports(http_port=args.http_port, grpc_port=args.grpc_port)
 
     # http_port, grpc_port, workers (default 1), max_threads, ... come from kserve's own
     # parse of sys.argv (model_server.args), which is what ModelServer() defaults to. Its

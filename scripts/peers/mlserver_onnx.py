@@ -64,6 +64,22 @@ def write_settings(folder: str, args: argparse.Namespace) -> None:
         json.dump(model_settings, f, indent=2)
 
 
+def require_free_ports(**ports: int) -> None:
+    """Exits if a port is taken. gRPC servers bind with SO_REUSEPORT, so a second server on
+    a busy gRPC port starts without error and the two silently share the traffic."""
+    import socket
+
+    for what, port in ports.items():
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError as e:
+                sys.exit(f"{what} {port} is not free: {e}")
+
+
 async def serve(folder: str) -> None:
     # What `mlserver start <folder>` runs.
     from mlserver.cli.serve import load_settings
@@ -97,6 +113,7 @@ def main() -> None:
     args = p.parse_args()
     if not os.path.isfile(args.model_file):
         p.error(f"--model_file {args.model_file}: no such file")
+    require_free_ports(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
 
     # The runtime package scripts/peers/mlserver_onnx must be importable.
     sys.path.insert(0, HERE)
@@ -120,8 +137,8 @@ def main() -> None:
             tensors = triton_config.onnx_tensors(args.model_file)
             handler = triton_config.model_config_handler(
                 lambda name: tensors if name == args.model_name else None)
-            triton_config.patch_add_servicer(mlserver_grpc_server, "add_GRPCInferenceServiceServicer_to_server",
-                                             handler)
+            triton_config.patch_add_servicer(
+                mlserver_grpc_server, "add_GRPCInferenceServiceServicer_to_server", handler)
         configure_logger()
         install_uvloop_event_loop()  # as mlserver's CLI does
         asyncio.run(serve(folder))

@@ -17,6 +17,14 @@ PYTHON=${PYTHON:-python3}
 KSERVE_PKGS=(kserve==0.21.0 onnxruntime numpy)
 MLSERVER_PKGS=(mlserver==1.7.1 onnxruntime numpy)
 
+# pip, quietly; drops the "Location 'file:///...' is ignored" warnings that an extra-index-url
+# pointing at a missing local folder (a pip.conf of this machine) prints per package.
+pip_q() {
+    local pip=$1; shift
+    "$pip" install -q --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 make_venv() {
     local name=$1; shift
     local venv=$BENCH/$name-venv marker want
@@ -30,8 +38,8 @@ make_venv() {
     rm -rf "$venv"
     mkdir -p "$BENCH"
     "$PYTHON" -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
-    "$venv/bin/pip" install -q --disable-pip-version-check "$@"
+    pip_q "$venv/bin/pip" --upgrade pip
+    pip_q "$venv/bin/pip" "$@"
     "$venv/bin/python" -c 'import onnxruntime, numpy' # fails loudly on a broken install
     echo "$want" >"$marker"
     echo "peers/setup.sh: $venv ready"

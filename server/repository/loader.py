@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -36,6 +39,17 @@ class LoadResult:
     loaded: dict[int, LoadedVersion] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    selected: list[int] = field(default_factory=list)  # what the version policy chose, highest first
+
+    def close(self) -> None:
+        """Free every instance this load produced (it will not serve)."""
+        for loaded in self.loaded.values():
+            for _, backend in loaded.backends:
+                try:
+                    backend.close()
+                except Exception:
+                    log.exception("closing an unused instance of model '%s' failed", self.proto.name)
+        self.loaded.clear()
 
 
 def usable_cores() -> int:
@@ -85,9 +99,12 @@ def _context(model_path: Path, version: int, vpath: Path, config: core.ModelConf
 
 
 def load_model(model_path: Path, options: LoadOptions, override_json: str | None = None,
-               only_versions: set[int] | None = None) -> LoadResult:
+               only_versions: set[int] | None = None, skip: frozenset[int] | set[int] = frozenset(),
+               on_plan: Callable[[list[int]], None] | None = None) -> LoadResult:
     """Read, complete and validate the config, then load every selected version's instances.
 
+    ``skip`` names versions the caller already serves unchanged: they count as selected but are not
+    loaded again. ``on_plan`` hears which versions are about to load (for LOADING states).
     Raises ServingError when the model as a whole cannot load (bad config, unknown backend);
     a version that fails is reported in ``failed`` and the others still load.
     """
@@ -108,17 +125,22 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
     if not selected:
         raise ServingError(ErrorCode.FAILED_PRECONDITION,
                            f"model '{name}': the version policy selects none of versions {sorted(available)}")
+    to_load = [v for v in selected if v not in skip]
+    if not to_load:  # only versions dropped: nothing to read, complete or warm
+        return LoadResult(proto=proto, config=None, warnings=warnings, selected=selected)
+    if on_plan is not None:
+        on_plan(to_load)
     gpus = configs.gpu_count()
     if options.auto_complete and configs.needs_io(proto):
         _autocomplete(proto, backend_cls, model_path, selected[0], available[selected[0]], options, gpus)
     configs.normalize(proto, has_gpu=gpus > 0)
     configs.validate(proto)
     config = configs.to_core(proto, gpus)
-    result = LoadResult(proto=proto, config=config, warnings=warnings)
+    result = LoadResult(proto=proto, config=config, warnings=warnings, selected=selected)
     placements = _placements(config)
     cpu_instances = sum(1 for _, device in placements if device == "cpu") or 1
     threads = max(1, options.cores // cpu_instances)
-    for version in selected:
+    for version in to_load:
         vpath = available[version]
         loaded: list[tuple[str, Backend]] = []
         try:
@@ -128,7 +150,7 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
             for _, backend in loaded:
                 warm_up(backend, config, model_path)
             result.loaded[version] = LoadedVersion(version, loaded)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported per version; the others still load
             for _, backend in loaded:
                 backend.close()
             reason = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
@@ -191,3 +213,32 @@ def _warmup_tensor(datatype: str, shape: tuple[int, ...], source: str, rng, fold
             return rng.integers(0, 2, shape).astype(dtype)
         return rng.integers(0, 8, shape).astype(dtype)
     return np.frombuffer((folder / source).read_bytes(), dtype).reshape(shape)
+
+
+def write_override(name: str, files: dict[str, bytes]) -> Path:
+    """Write a load request's inline ``file:<path>`` contents into a private temporary model folder.
+
+    Returns ``<tmp>/<name>``; the caller removes the parent (``remove_override``) once no version
+    loaded from it serves. Paths must stay inside the folder.
+    """
+    root = Path(tempfile.mkdtemp(prefix="inferd-load-"))  # mode 0700: private to this process's user
+    folder = root / name
+    try:
+        folder.mkdir()
+        for rel, data in sorted(files.items()):
+            parts = PurePosixPath(rel).parts
+            if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+                raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                                   f"load parameter 'file:{rel}': the path must be relative to the model "
+                                   "folder, e.g. 'file:1/model.onnx', without '..'")
+            target = folder.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    except BaseException:
+        remove_override(folder)
+        raise
+    return folder
+
+
+def remove_override(folder: Path) -> None:
+    shutil.rmtree(folder.parent, ignore_errors=True)

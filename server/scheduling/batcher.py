@@ -19,6 +19,7 @@ import numpy as np
 
 from server.core.config import DynamicBatching, ModelConfig, QueuePolicy
 from server.core.errors import ErrorCode, ServingError, invalid
+from server.telemetry import tracing
 from server.telemetry.stats import BACKEND, CANCELED, OTHER, REJECTED, ModelStats
 
 from . import batching
@@ -115,6 +116,8 @@ class Scheduler:
         key = batching.batch_key(inputs) if self._db else None
         future = self._loop.create_future()
         item = Pending(inputs, size, key, outputs, future, level, deadline, timeout_at, trace)
+        if trace is not None:  # the queue span starts here (wall clock, as OpenTelemetry wants)
+            trace.queued_ns = time.time_ns()
         self._queues[level].append(item)
         self._queued += 1
         self.stats.pending += 1
@@ -194,6 +197,8 @@ class Scheduler:
     def _fail_queued(self, item: Pending, error: ServingError, reason: str) -> None:
         self._unqueue(item)
         self.stats.record_failure(time.perf_counter_ns() - item.arrived_ns, None, reason)
+        if item.trace is not None:
+            tracing.queue_failed(item.trace, error)
         item.future.set_exception(error)
 
     def _unqueue(self, item: Pending) -> None:
@@ -268,6 +273,7 @@ class Scheduler:
             outputs=union,
             batched=self._batched,
             members=(members, now, self._next_seq),
+            traces=[p.trace for p in members if p.trace is not None] or None,
         )
         self._next_seq += 1
         instance.submit(job)

@@ -14,6 +14,7 @@ import numpy as np
 
 from server.core.backend import Backend
 from server.core.errors import ErrorCode, ServingError
+from server.telemetry import tracing
 from server.telemetry.stats import BatchTiming
 
 from . import batching
@@ -31,6 +32,7 @@ class Job:
     outputs: Sequence[str]  # union of wanted, in configuration order
     batched: bool
     members: Any = None  # the scheduler's own bookkeeping, untouched here
+    traces: list | None = None  # the traced members' RequestTraces (telemetry/tracing.py); None: none
     # filled by the instance
     results: list[dict[str, np.ndarray]] | None = None
     error: ServingError | None = None
@@ -113,7 +115,10 @@ class Instance:
             job = self._jobs.get()
             if job is None:
                 return
-            run_job(self.backend, job, self.model)
+            if job.traces is None:
+                run_job(self.backend, job, self.model)
+            else:  # the batch's spans are made here, off the event loop
+                tracing.run_batch(run_job, self.backend, job, self.model, self.name)
             try:
                 self._loop.call_soon_threadsafe(self._on_done, self, job)
             except RuntimeError:  # loop closed during shutdown

@@ -72,12 +72,12 @@ def encode_model_config_response(name: str, inputs: List[Tensor], outputs: List[
                                  platform: str = "onnxruntime_onnx", backend: str = "onnxruntime",
                                  max_batch_size: int = 0) -> bytes:
     cfg = _str_field(1, name) + _str_field(2, platform) + _int_field(4, max_batch_size)
-    for t in inputs:  # ModelInput: name 1, data_type 2, dims 4
-        cfg += _bytes_field(5, _str_field(1, str(t["name"])) + _int_field(2, _TRITON_TYPES[str(t["datatype"])])
-                            + _packed_int64(4, t["shape"]))  # type: ignore[arg-type]
-    for t in outputs:  # ModelOutput: name 1, data_type 2, dims 3
-        cfg += _bytes_field(6, _str_field(1, str(t["name"])) + _int_field(2, _TRITON_TYPES[str(t["datatype"])])
-                            + _packed_int64(3, t["shape"]))  # type: ignore[arg-type]
+    for field, dims_field, tensors in ((5, 4, inputs), (6, 3, outputs)):
+        # ModelInput (5): name 1, data_type 2, dims 4; ModelOutput (6): name 1, data_type 2, dims 3
+        for t in tensors:
+            cfg += _bytes_field(field, _str_field(1, str(t["name"]))
+                                + _int_field(2, _TRITON_TYPES[str(t["datatype"])])
+                                + _packed_int64(dims_field, t["shape"]))  # type: ignore[arg-type]
     cfg += _str_field(17, backend)
     return _bytes_field(1, cfg)  # ModelConfigResponse.config
 
@@ -143,7 +143,8 @@ def model_config_handler(models: Callable[[str], Optional[Tuple[List[Tensor], Li
         name, _version = request
         found = models(name)
         if found is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found")
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"Request for unknown model: '{name}' is not found")
         return encode_model_config_response(name, found[0], found[1])
 
     return grpc.method_handlers_generic_handler(SERVICE, {

@@ -134,6 +134,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context):
         if request.repository_name:
             raise ServingError(ErrorCode.UNIMPLEMENTED, "'repository_name' specification is not supported")
+        for key, value in request.parameters.items():
+            if key != "unload_dependents":
+                raise ServingError(ErrorCode.INVALID_ARGUMENT, f"unrecognized unload parameter '{key}'")
+            if value.WhichOneof("parameter_choice") != "bool_param":
+                raise ServingError(ErrorCode.INVALID_ARGUMENT, "unload parameter 'unload_dependents' must be a bool_param")
         await self.dp.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

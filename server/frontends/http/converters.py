@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from server.core import dtypes
-from server.core.errors import invalid
+from server.core.errors import ErrorCode, ServingError, invalid
 from server.core.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 # numbers in JSON cannot be half precision faithfully; Triton refuses them the same way
@@ -69,10 +69,11 @@ def _header_length(value: str | None, body_length: int) -> int | None:
         raise invalid(
             f"Inference-Header-Content-Length is {length} but the request body has only {body_length} bytes"
         )
-    if length == 0:
-        raise invalid(
-            "Inference-Header-Content-Length is 0 (a raw binary request without a JSON header); "
-            "this server needs the JSON inference header before the binary data"
+    if length == 0:  # Triton's "raw binary request" for single-input models
+        raise ServingError(
+            ErrorCode.UNIMPLEMENTED,
+            "Inference-Header-Content-Length is 0 (a raw binary request without a JSON header), which "
+            "this server does not support: send the JSON inference header before the binary data",
         )
     return length
 

@@ -19,8 +19,9 @@ The whole gRPC inference path of ``simple`` costs ~1000 us of server CPU per req
 ~100 us a bare httptools protocol saves is ~10% end to end, while it would make this project own an
 HTTP/1.1 server (pipelining, Expect: 100-continue, chunked bodies, flow control, timeouts, graceful
 shutdown). aiohttp's low-level server is the fastest complete one, needs no ASGI layer, starts on
-the running loop, and is already a dependency (the metrics endpoint). See scripts/bench_rest.py for
-REST-binary vs gRPC on the full path.
+the running loop, and is already a dependency (the metrics endpoint). On the full path
+(scripts/bench_rest.py, concurrency 16) REST-binary costs the server ~430 us per add_sub request
+against gRPC's ~935 us, and ~8.7 ms against ~19 ms per 4 MiB FP32 request (docs/rest.md).
 """
 
 from __future__ import annotations
@@ -98,6 +99,27 @@ def _accepted_encoding(header: str | None) -> str | None:
     return None
 
 
+class _ClientGone(Exception):
+    pass
+
+
+class _ProtocolLogger:
+    """aiohttp's per-connection logger. A request its parser rejects (aiohttp answers 400 itself) is
+    the client's mistake: one warning line, not an error with a traceback."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger(__name__ + ".protocol")
+
+    def exception(self, msg: str, *args, exc_info=None, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self._log.warning("malformed HTTP request: %s", " ".join(str(exc_info.message).split()))
+        else:
+            self._log.error(msg, *args, exc_info=exc_info or True, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._log, name)
+
+
 def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
     return Reply(status, [converters.dumps({"error": message})], headers=headers or {})
 
@@ -114,7 +136,13 @@ class HttpFrontend:
     async def start(self) -> None:
         # auto_decompress off: Content-Encoding is handled here, with limits and clear errors;
         # read_bufsize 1 MiB: large tensors arrive with few flow-control pauses
-        server = web.Server(self._handle, auto_decompress=False, access_log=None, read_bufsize=1 << 20)
+        server = web.Server(
+            self._handle,
+            auto_decompress=False,
+            access_log=None,
+            read_bufsize=1 << 20,
+            logger=_ProtocolLogger(),
+        )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, shutdown_timeout=1.0)
@@ -144,8 +172,10 @@ class HttpFrontend:
                 size += len(chunk)
                 if size > limit:
                     raise invalid(f"the request body exceeds the limit of {limit} bytes")
-        except HttpProcessingError as exc:  # bad chunking, or the client left mid-body
+        except HttpProcessingError as exc:  # e.g. the body ended before its Content-Length
             raise invalid(f"the request body could not be read: {exc.message}") from None
+        except ConnectionResetError:  # the client left mid-body: nobody to answer
+            raise _ClientGone from None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
@@ -165,6 +195,8 @@ class HttpFrontend:
             reply = error_reply(http_status(exc.code), exc.message)
         except HttpError as exc:
             reply = error_reply(exc.status, exc.message, exc.headers)
+        except _ClientGone:
+            return web.Response(status=400)  # aiohttp drops it: the connection is closed
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:
