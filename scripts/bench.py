@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,16 +42,7 @@ def inputs_for(model: str, batch: int = 1) -> tuple[dict[str, np.ndarray], dict[
 
 
 def build_repository() -> Path:
-    if not (BENCH_REPO / "mlp" / "1" / "model.onnx").exists():
-        build_models.bench_repository(BENCH_REPO)
-    for model, variant in NO_BATCH.items():
-        folder = BENCH_REPO / variant
-        (folder / "1").mkdir(parents=True, exist_ok=True)
-        target = folder / "1" / "model.onnx"
-        if not target.exists():
-            shutil.copy(BENCH_REPO / model / "1" / "model.onnx", target)
-        text = (BENCH_REPO / model / "config.pbtxt").read_text().replace("dynamic_batching { }\n", "")
-        (folder / "config.pbtxt").write_text(text)
+    build_models.bench_repository(BENCH_REPO)  # configs rewritten each run; model files kept
     return BENCH_REPO
 
 
