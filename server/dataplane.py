@@ -19,7 +19,8 @@ from . import validation
 log = logging.getLogger(__name__)
 
 # extensions that really work; frontends list these in ServerMetadata
-EXTENSIONS = ["model_configuration", "statistics", "schedule_policy", "model_repository", "trace"]
+EXTENSIONS = ["model_configuration", "statistics", "schedule_policy", "model_repository", "binary_tensor_data",
+              "trace"]
 
 
 class DataPlane:

@@ -59,8 +59,8 @@ def test_server_live_ready_metadata(client, stub):
     # only extensions that work are listed; each one listed is exercised here or in the conformance table
     assert set(meta.extensions) <= {"model_configuration", "statistics", "schedule_policy",
                                     "model_repository", "binary_tensor_data", "classification",
-                                    "sequence", "parameters"}
-    for unsupported in ("system_shared_memory", "cuda_shared_memory", "trace", "logging"):
+                                    "sequence", "parameters", "trace"}
+    for unsupported in ("system_shared_memory", "cuda_shared_memory", "logging"):
         assert unsupported not in meta.extensions
     if "model_configuration" in meta.extensions:
         assert client.get_model_config("simple").config.name == "simple"
@@ -222,7 +222,6 @@ def test_stream_error_message_with_plain_stubs(stub):
      "cuda_shared_memory"),
     ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name="r"),
      "system_shared_memory"),
-    ("TraceSetting", pb.TraceSettingRequest(), "trace"),
     ("LogSettings", pb.LogSettingsRequest(), "logging"),
 ])
 def test_unimplemented_extensions(stub, rpc, message, extension):

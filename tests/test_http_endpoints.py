@@ -216,8 +216,6 @@ def test_load_and_unload_in_explicit_mode(example_repo, tmp_path, start_server):
     [
         ("GET", "/v2/logging", "logging"),
         ("POST", "/v2/logging", "logging"),
-        ("GET", "/v2/trace/setting", "trace"),
-        ("POST", "/v2/models/simple/trace/setting", "trace"),
         ("GET", "/v2/systemsharedmemory/status", "system_shared_memory"),
         ("GET", "/v2/cudasharedmemory/region/r0/status", "cuda_shared_memory"),
         ("POST", "/v2/systemsharedmemory/region/r0/register", "system_shared_memory"),

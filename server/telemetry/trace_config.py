@@ -167,9 +167,9 @@ def _exporter(name: str, config: TraceConfig):
     if url and "://" not in url:
         url = "http://" + url  # Triton's url is host:port; plain text unless https is named
     if config.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from .trace_export import FastOTLPSpanExporter
 
-        return OTLPSpanExporter(endpoint=url or None)
+        return FastOTLPSpanExporter(endpoint=url or None)
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
     except ImportError:
@@ -190,8 +190,8 @@ def _sampler(config: TraceConfig):
     return sampling.ParentBasedTraceIdRatio(config.sampler_arg)
 
 
-def build_provider(config: TraceConfig, version: str, env: Mapping[str, str] | None = None) -> Any:
-    """A TracerProvider (not installed globally) with one BatchSpanProcessor per exporter."""
+def build_provider(config: TraceConfig, version: str, env: Mapping[str, str] | None = None) -> tuple[Any, list]:
+    """A TracerProvider (not installed globally) with one BatchSpanProcessor per exporter, and those."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -206,7 +206,7 @@ def build_provider(config: TraceConfig, version: str, env: Mapping[str, str] | N
     bsp = {"max_queue_size": config.bsp.get("bsp_max_queue_size"),
            "schedule_delay_millis": config.bsp.get("bsp_schedule_delay"),
            "max_export_batch_size": config.bsp.get("bsp_max_export_batch_size")}
-    for name in config.exporters:
-        if name != "none":
-            provider.add_span_processor(BatchSpanProcessor(_exporter(name, config), **bsp))
-    return provider
+    processors = [BatchSpanProcessor(_exporter(name, config), **bsp) for name in config.exporters if name != "none"]
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider, processors

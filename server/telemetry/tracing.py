@@ -3,17 +3,20 @@
 Off by default. When off, each hook is one attribute or ``None`` check (``tracing.on`` in the
 frontends, ``request.trace is None`` past them) and the SDK is never imported. When on:
 
-    frontend    Incoming: the caller's W3C context (traceparent/tracestate), the span's start time
+    frontend    Incoming: the caller's W3C context (traceparent/tracestate) and the start time
     data plane  server span (model_name, model_version, request_id, status; error status + message),
-                the child of the caller's span; RequestTrace travels with the request
-    scheduler   queue span per request (enqueue -> an instance picks the batch up); one batch span
+                the child of the caller's span; a RequestTrace travels with the request
+    scheduler   queue span per request (enqueued -> an instance picks its batch up); one batch span
                 per executed batch (batch_size, links to every member's server span) with the
-                backend's compute span inside; all made in the instance thread from explicit
-                contexts: nothing relies on an implicit current span, across threads or otherwise
+                backend's compute span inside; made in the instance thread from the contexts the
+                requests carry: nothing relies on an implicit "current span", across threads or not
     repository  a span per model load / unload
+    stream      one server span over a whole ModelStreamInfer stream, one event per response; its
+                requests' spans are its children
 
-Log lines emitted while a traced request is handled (on the loop, or by the instance thread that
-runs its batch) end with ``trace_id=<32 hex>``.
+Spans are made finished, with explicit parents (trace_export.Emitter). Log lines emitted while a
+traced request is handled (on the loop, or by the instance thread running its batch) end with
+``trace_id=<32 hex>``.
 """
 
 from __future__ import annotations
@@ -36,27 +39,25 @@ log = logging.getLogger(__name__)
 _PROPAGATED = ("traceparent", "tracestate")
 # "trace_id=..." of the request (or batch) being handled in this task / thread; None: untraced
 _LOG_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("inferd_trace", default=None)
-_otel: Any = None  # the OpenTelemetry API names, imported when a pipeline is first built
+_x: Any = None  # trace_export and the OpenTelemetry names, imported when a pipeline is first built
 
 
-def _load_otel() -> Any:
-    global _otel
-    if _otel is None:
+def _load() -> Any:
+    global _x
+    if _x is None:
         from types import SimpleNamespace
 
-        from opentelemetry import trace as api
+        from opentelemetry.sdk.trace import Event
+        from opentelemetry.trace import Link, SpanKind, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        _otel = SimpleNamespace(
-            api=api, SERVER=api.SpanKind.SERVER, INTERNAL=api.SpanKind.INTERNAL, Link=api.Link,
-            ERROR=api.Status(api.StatusCode.ERROR), OK=api.Status(api.StatusCode.OK),
-            Status=api.Status, StatusCode=api.StatusCode, in_context=api.set_span_in_context,
-            propagator=TraceContextTextMapPropagator(),
-        )
-    return _otel
+        from . import trace_export
 
-
-# ---------------------------------------------------------------- log correlation
+        _x = SimpleNamespace(SERVER=SpanKind.SERVER, INTERNAL=SpanKind.INTERNAL, Link=Link, Event=Event,
+                             span_of=get_current_span, propagator=TraceContextTextMapPropagator(),
+                             OK=trace_export.OK, UNSET=trace_export.UNSET, error=trace_export.error,
+                             Emitter=trace_export.Emitter)
+    return _x
 
 
 def _install_log_tag() -> None:
@@ -80,18 +81,23 @@ def _install_log_tag() -> None:
     logging.setLogRecordFactory(factory)
 
 
+_GRPC = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer"}
+_GRPC_STREAM = {**_GRPC, "rpc.method": "ModelStreamInfer"}
+_HTTP = {"http.request.method": "POST", "http.route": "/v2/models/{model}[/versions/{version}]/infer"}
+
+
 # ---------------------------------------------------------------- per-request objects
 
 
 class Incoming:
     """What a frontend hands the data plane in ``InferRequest.trace``: the caller's context."""
 
-    __slots__ = ("parent", "remote", "name", "kind", "attributes", "start_ns", "stream")
+    __slots__ = ("parent", "parent_span", "name", "kind", "attributes", "start_ns", "stream")
 
-    def __init__(self, parent, remote: bool, name: str, kind, attributes: Mapping[str, Any],
+    def __init__(self, parent, parent_span, name: str, kind, attributes: Mapping[str, Any],
                  stream: "StreamTrace | None" = None) -> None:
-        self.parent = parent
-        self.remote = remote
+        self.parent = parent  # the extracted Context (what the sampler reads), or None
+        self.parent_span = parent_span  # its SpanContext, or None when the caller sent none
         self.name = name
         self.kind = kind
         self.attributes = attributes
@@ -100,60 +106,70 @@ class Incoming:
 
 
 class RequestTrace:
-    """A traced request past the data plane: its server span and the context its children hang from."""
+    """A traced request past the data plane: its server span, finished when the answer is ready."""
 
-    __slots__ = ("tracer", "span", "context", "queued_ns", "tag")
+    __slots__ = ("emitter", "context", "parent", "name", "kind", "attributes", "start_ns", "queued_ns", "tag")
 
-    def __init__(self, tracer, span) -> None:
-        self.tracer = tracer
-        self.span = span
-        self.context = _otel.in_context(span)
+    def __init__(self, emitter, context, incoming: Incoming, attributes: dict) -> None:
+        self.emitter = emitter
+        self.context = context  # this span's SpanContext: the parent of the queue and batch spans
+        self.parent = incoming.parent_span
+        self.name, self.kind = incoming.name, incoming.kind
+        self.attributes = attributes
+        self.start_ns = incoming.start_ns
         self.queued_ns = 0
-        self.tag = f"trace_id={span.get_span_context().trace_id:032x}"
+        self.tag = f"trace_id={context.trace_id:032x}"
+
+    def finish(self, status_code: str, message: str = "") -> None:
+        self.attributes["status"] = status_code
+        if status_code == "OK":
+            status = _x.OK
+        else:
+            status = _x.error(message)
+            self.attributes["error.type"] = status_code
+        self.emitter.emit(self.name, self.context, self.parent, self.kind, self.attributes, self.start_ns,
+                          time.time_ns(), status)
 
 
 class StreamTrace:
-    """One span over a whole ModelStreamInfer stream; its requests' spans are its children. Traced
-    or not is decided once, at the first request, by that request's model settings."""
+    """One span over a ModelStreamInfer stream. Traced or not is decided at its first request, by
+    that request's model settings; then every request on it is traced, as the stream's children."""
 
-    def __init__(self, tracing: "Tracing", parent, remote: bool) -> None:
+    def __init__(self, tracing: "Tracing", parent, parent_span) -> None:
         self.tracing = tracing
-        self.parent, self.remote = parent, remote
+        self.parent, self.parent_span = parent, parent_span
         self.start_ns = time.time_ns()
         self.decided = False
-        self.span = None
         self.context = None
-        self.responses = self.failures = 0
+        self.events: list = []
+        self.failures = 0
+        self.ended = False
 
     def child(self, model: str) -> Incoming | None:
         if not self.decided:
             self.decided = True
             tracing = self.tracing
-            if tracing.on and tracing.settings.gate_for(model).admit(self.remote):
-                span = tracing.tracer.start_span(
-                    "inference.GRPCInferenceService/ModelStreamInfer", context=self.parent, kind=_otel.SERVER,
-                    start_time=self.start_ns, attributes=_GRPC_STREAM)
-                if span.is_recording():
-                    self.span, self.context = span, _otel.in_context(span)
-        if self.span is None:
+            if tracing.on and tracing.settings.gate_for(model).admit(self.parent_span is not None):
+                self.context = tracing.emitter.root(self.parent, self.parent_span,
+                                                    "inference.GRPCInferenceService/ModelStreamInfer",
+                                                    _x.SERVER, dict(_GRPC_STREAM))
+        if self.context is None:
             return None
-        return Incoming(self.context, True, "infer", _otel.INTERNAL, {}, stream=self)
+        return Incoming(None, self.context, "infer", _x.INTERNAL, {}, stream=self)
 
     def responded(self, request_id: str, status: str) -> None:
-        self.responses += 1
+        if self.ended:  # a request cancelled with its stream finished after it
+            return
         self.failures += status != "OK"
-        self.span.add_event("response", {"request_id": request_id, "status": status})
+        self.events.append(_x.Event("response", {"request_id": request_id, "status": status}, time.time_ns()))
 
     def end(self) -> None:
-        if self.span is not None:
-            self.span.set_attribute("responses", self.responses)
-            self.span.set_attribute("failed_responses", self.failures)
-            self.span.end()
-
-
-_GRPC = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer"}
-_GRPC_STREAM = {**_GRPC, "rpc.method": "ModelStreamInfer"}
-_HTTP = {"http.request.method": "POST", "http.route": "/v2/models/{model}[/versions/{version}]/infer"}
+        if self.context is not None and not self.ended:
+            attributes = dict(_GRPC_STREAM, responses=len(self.events), failed_responses=self.failures)
+            self.tracing.emitter.emit("inference.GRPCInferenceService/ModelStreamInfer", self.context,
+                                      self.parent_span, _x.SERVER, attributes, self.start_ns, time.time_ns(),
+                                      _x.OK, events=tuple(self.events))
+        self.ended = True
 
 
 # ---------------------------------------------------------------- the facade
@@ -168,12 +184,12 @@ class Tracing:
         self.env = env
         self.settings = TraceSettings(self.config)
         self.provider: Any = None
-        self.tracer: Any = None
+        self.emitter: Any = None
         self.on = False  # the hot-path check: some setting traces and the pipeline exists
         _install_log_tag()
         if self.settings.any_on():
             self._build()
-        self.on = self.tracer is not None and self.settings.any_on()
+        self.on = self.emitter is not None and self.settings.any_on()
 
     @classmethod
     def from_flags(cls, items: Sequence[str]) -> "Tracing":
@@ -183,14 +199,17 @@ class Tracing:
             raise SystemExit(f"inferd: {exc}") from None
 
     def _build(self) -> None:
-        if self.tracer is not None:
+        if self.emitter is not None:
             return
-        _load_otel()
-        self.provider = trace_config.build_provider(self.config, __version__, self.env)
-        self.tracer = self.provider.get_tracer("inferd", __version__)
-        log.info("tracing on: %s exporter(s) %s, level %s, rate %s", self.config.protocol,
-                 ",".join(self.config.exporters), self.settings.values["trace_level"],
-                 self.settings.values["trace_rate"])
+        _load()
+        self.provider, processors = trace_config.build_provider(self.config, __version__, self.env)
+        fast = __import__("os").environ.get("PRE") == "1" and "otlp" in self.config.exporters  # EXPERIMENT
+        self.emitter = _x.Emitter(self.provider, processors, __version__, encode=fast)
+        if __import__("os").environ.get("DROP") == "1":  # EXPERIMENT
+            self.emitter.processors = ()
+        where = self.config.url or (self.env or {}).get("OTEL_EXPORTER_OTLP_ENDPOINT", "the OTEL_* endpoint")
+        log.info("tracing on: %s via %s (%s), level %s, rate %s", ",".join(self.config.exporters), where,
+                 self.config.protocol, self.settings.values["trace_level"], self.settings.values["trace_rate"])
 
     def shutdown(self) -> None:
         """Flush what is queued to the exporters (blocking: call it in a thread)."""
@@ -209,52 +228,55 @@ class Tracing:
             self.settings.clear(model)
         else:
             self.settings.update(model, changes)
-        if self.settings.any_on() and self.tracer is None:
+        if self.settings.any_on() and self.emitter is None:
             try:
                 self._build()
             except ValueError as exc:  # e.g. OTLP/HTTP asked for but not installed
                 raise ServingError(ErrorCode.UNAVAILABLE, f"tracing cannot start: {exc}") from None
-        self.on = self.tracer is not None and self.settings.any_on()
+        self.on = self.emitter is not None and self.settings.any_on()
         return self.settings.get(model)
 
     # -- frontends: extract the caller's context --------------------------------------------
 
-    def _extract(self, carrier: dict[str, str]) -> tuple[Any, bool]:
+    def _extract(self, carrier: dict[str, str]) -> tuple[Any, Any]:
         if not carrier:
-            return None, False
-        context = _otel.propagator.extract(carrier)
-        remote = _otel.api.get_current_span(context).get_span_context().is_valid
-        return (context, True) if remote else (None, False)
+            return None, None
+        context = _x.propagator.extract(carrier)
+        span = _x.span_of(context).get_span_context()
+        return (context, span) if span.is_valid else (None, None)
 
     def from_grpc(self, metadata: Sequence[tuple[str, Any]] | None, stream: bool = False):
         """An Incoming (or, for a stream, a StreamTrace) from gRPC invocation metadata."""
         carrier = {k: v for k, v in metadata or () if k in _PROPAGATED and isinstance(v, str)}
-        parent, remote = self._extract(carrier)
+        parent, span = self._extract(carrier)
         if stream:
-            return StreamTrace(self, parent, remote)
-        return Incoming(parent, remote, "inference.GRPCInferenceService/ModelInfer", _otel.SERVER, _GRPC)
+            return StreamTrace(self, parent, span)
+        return Incoming(parent, span, "inference.GRPCInferenceService/ModelInfer", _x.SERVER, _GRPC)
 
     def from_http(self, headers: Mapping[str, str]) -> Incoming:
         carrier = {k: headers[k] for k in _PROPAGATED if k in headers}
-        parent, remote = self._extract(carrier)
-        return Incoming(parent, remote, "POST /v2/models/{model}/infer", _otel.SERVER, _HTTP)
+        parent, span = self._extract(carrier)
+        return Incoming(parent, span, "POST /v2/models/{model}/infer", _x.SERVER, _HTTP)
 
     # -- data plane: the server span ---------------------------------------------------------
 
     def start(self, incoming: Incoming, model: str, request_id: str) -> RequestTrace | None:
-        """The request's server span, or None when its settings do not trace it."""
+        """The request's server span (open), or None when its settings or the sampler do not trace it."""
         if not self.on:
-            return None
-        if incoming.stream is None and not self.settings.gate_for(model).admit(incoming.remote):
             return None
         attributes = dict(incoming.attributes)
         attributes["model_name"] = model
         attributes["request_id"] = request_id
-        span = self.tracer.start_span(incoming.name, context=incoming.parent, kind=incoming.kind,
-                                      attributes=attributes, start_time=incoming.start_ns)
-        if not span.is_recording():  # the sampler (OTEL_TRACES_SAMPLER or the caller's flag) said no
-            return None
-        return RequestTrace(self.tracer, span)
+        if incoming.stream is not None:  # inside a traced stream: always, as its child
+            context = self.emitter.child(incoming.parent_span)
+        else:
+            if not self.settings.gate_for(model).admit(incoming.parent_span is not None):
+                return None
+            context = self.emitter.root(incoming.parent, incoming.parent_span, incoming.name, incoming.kind,
+                                        attributes)
+            if context is None:  # the sampler (OTEL_TRACES_SAMPLER, or the caller's flag) said no
+                return None
+        return RequestTrace(self.emitter, context, incoming, attributes)
 
     async def infer(self, call: Callable[[Any], Awaitable[Any]], request) -> Any:
         """Run ``call(request)`` (the data plane's inference) inside the request's server span."""
@@ -263,39 +285,28 @@ class Tracing:
         if rt is None:
             return await call(request)
         request.trace = rt
-        span = rt.span
         token = _LOG_TAG.set(rt.tag)
-        status = "OK"
+        status, message = "OK", ""
         try:
             response = await call(request)
-            span.set_attribute("model_version", response.model_version)
-            span.set_status(_otel.OK)
+            rt.attributes["model_version"] = response.model_version
             return response
         except ServingError as exc:
-            status = exc.code.name
-            _fail(span, status, exc.message)
+            status, message = exc.code.name, exc.message
             raise
         except asyncio.CancelledError:
-            status = "CANCELLED"
-            _fail(span, status, "the caller cancelled the request")
+            status, message = "CANCELLED", "the caller cancelled the request"
             raise
         except Exception as exc:
-            status = "INTERNAL"
-            _fail(span, status, f"{type(exc).__name__}: {exc}")
+            status, message = "INTERNAL", f"{type(exc).__name__}: {exc}"
             raise
         finally:
             _LOG_TAG.reset(token)
-            span.set_attribute("status", status)
             if status != "OK" and request.model_version:  # the version asked for, when none answered
-                span.set_attribute("model_version", request.model_version)
-            span.end()
+                rt.attributes["model_version"] = request.model_version
+            rt.finish(status, message)
             if incoming.stream is not None:
                 incoming.stream.responded(request.id, status)
-
-
-def _fail(span, status: str, message: str) -> None:
-    span.set_status(_otel.Status(_otel.StatusCode.ERROR, message))
-    span.set_attribute("error.type", status)
 
 
 # ---------------------------------------------------------------- scheduler: queue and batch spans
@@ -303,9 +314,9 @@ def _fail(span, status: str, message: str) -> None:
 
 def queue_failed(rt: RequestTrace, error: ServingError) -> None:
     """The queue span of a request that left the queue without running (timeout, unload)."""
-    span = rt.tracer.start_span("queue", context=rt.context, start_time=rt.queued_ns)
-    _fail(span, error.code.name, error.message)
-    span.end()
+    em = rt.emitter
+    em.emit("queue", em.child(rt.context), rt.context, _x.INTERNAL, {"error.type": error.code.name},
+            rt.queued_ns, time.time_ns(), _x.error(error.message))
 
 
 def run_batch(run: Callable[..., None], backend, job, model: str, instance: str) -> None:
@@ -313,13 +324,11 @@ def run_batch(run: Callable[..., None], backend, job, model: str, instance: str)
     member's queue span, the batch span linked to every member's server span, compute inside it."""
     traces: list[RequestTrace] = job.traces
     head = traces[0]
-    tracer = head.tracer
+    em = head.emitter
+    internal = _x.INTERNAL
     picked = time.time_ns()
     for rt in traces:
-        tracer.start_span("queue", context=rt.context, start_time=rt.queued_ns or picked).end(picked)
-    links = [_otel.Link(rt.span.get_span_context()) for rt in traces]
-    batch = tracer.start_span("batch", context=head.context, links=links, start_time=picked, attributes={
-        "model_name": model, "instance": instance, "batch_size": sum(job.sizes), "batch_requests": len(job.sizes)})
+        em.emit("queue", em.child(rt.context), rt.context, internal, None, rt.queued_ns or picked, picked)
     token = _LOG_TAG.set(head.tag if len(traces) == 1 else "trace_id=" + ",".join(
         dict.fromkeys(rt.tag[9:] for rt in traces)))
     try:
@@ -327,18 +336,25 @@ def run_batch(run: Callable[..., None], backend, job, model: str, instance: str)
     finally:
         _LOG_TAG.reset(token)
     end = time.time_ns()
+    batch = em.child(head.context)
     timing = job.timing
-    start, stop = (picked + timing.input_ns, picked + timing.input_ns + timing.infer_ns) if timing else (picked, end)
-    compute = tracer.start_span("compute", context=_otel.in_context(batch), start_time=start,
-                                attributes={"model_name": model, "batch_size": timing.batch_size if timing else 0})
+    if timing is not None:
+        start = picked + timing.input_ns
+        stop = start + timing.infer_ns
+    else:  # failed: no breakdown was measured
+        start, stop = picked, end
+    status = _x.UNSET
+    attributes = {"model_name": model, "instance": instance, "batch_size": sum(job.sizes),
+                  "batch_requests": len(job.sizes)}
     if job.error is not None:
-        for span in (compute, batch):
-            _fail(span, job.error.code.name, job.error.message)
+        status = _x.error(job.error.message)
+        attributes["error.type"] = job.error.code.name
     elif job.errors is not None:
-        failed = sum(e is not None for e in job.errors)
-        batch.set_attribute("failed_requests", failed)
-    compute.end(stop)
-    batch.end(end)
+        attributes["failed_requests"] = sum(e is not None for e in job.errors)
+    em.emit("compute", em.child(batch), batch, internal, {"model_name": model, "instance": instance},
+            start, stop, status)
+    em.emit("batch", batch, head.context, internal, attributes, picked, end, status,
+            [_x.Link(rt.context) for rt in traces])
 
 
 # ---------------------------------------------------------------- repository: load / unload spans
@@ -346,7 +362,7 @@ def run_batch(run: Callable[..., None], backend, job, model: str, instance: str)
 
 def model_span(operation: str):
     """Decorate a RepositoryManager coroutine ``(self, name, ...)`` with a ``model <operation>`` span
-    when ``self.tracing`` is on; the span ends with the versions that serve afterwards."""
+    when ``self.tracing`` traces (global level not OFF); it ends with the versions serving after."""
 
     def decorate(method):
         @functools.wraps(method)
@@ -354,21 +370,25 @@ def model_span(operation: str):
             tracing: Tracing | None = self.tracing
             if tracing is None or not tracing.on or not tracing.settings.gate.on:
                 return await method(self, name, *args, **kwargs)
-            span = tracing.tracer.start_span(f"model {operation}", attributes={"model_name": name})
+            em = tracing.emitter
+            attributes: dict[str, Any] = {"model_name": name}
+            context = em.root(None, None, f"model {operation}", _x.INTERNAL, attributes)
+            if context is None:
+                return await method(self, name, *args, **kwargs)
+            start, status = time.time_ns(), _x.OK
             try:
-                result = await method(self, name, *args, **kwargs)
-                span.set_status(_otel.OK)
-                return result
+                return await method(self, name, *args, **kwargs)
             except ServingError as exc:
-                _fail(span, exc.code.name, exc.message)
+                status = _x.error(exc.message)
+                attributes["error.type"] = exc.code.name
                 raise
             except BaseException as exc:
-                _fail(span, type(exc).__name__, str(exc))
+                status = _x.error(f"{type(exc).__name__}: {exc}")
+                attributes["error.type"] = type(exc).__name__
                 raise
             finally:
-                versions = [str(mv.version) for mv in self.ready_versions(name)]
-                span.set_attribute("model_versions", versions)
-                span.end()
+                attributes["model_versions"] = [str(mv.version) for mv in self.ready_versions(name)]
+                em.emit(f"model {operation}", context, None, _x.INTERNAL, attributes, start, time.time_ns(), status)
 
         return wrapper
 

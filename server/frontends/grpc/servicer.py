@@ -147,6 +147,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelInfer(self, request, context):
         infer_request = converters.to_request(request, _deadline(context))
+        if self.dp.tracing.on:  # the caller's trace context (traceparent / tracestate metadata)
+            infer_request.trace = self.dp.tracing.from_grpc(context.invocation_metadata())
         response = await self.dp.infer(infer_request)
         return converters.from_response(response)
 
@@ -155,10 +157,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         a failed request gets an in-band error_message and the stream goes on."""
         results: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
+        # one span over the whole stream, its requests' spans inside it
+        stream = self.dp.tracing.from_grpc(context.invocation_metadata(), stream=True) if self.dp.tracing.on else None
 
         async def one(message) -> None:
             try:
-                response = converters.from_response(await self.dp.infer(converters.to_request(message)))
+                infer_request = converters.to_request(message)
+                if stream is not None:
+                    infer_request.trace = stream.child(infer_request.model_name)
+                response = converters.from_response(await self.dp.infer(infer_request))
                 response.parameters["triton_final_response"].bool_param = True
                 await results.put(pb.ModelStreamInferResponse(infer_response=response))
             except ServingError as exc:
@@ -187,6 +194,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(pending):
                 task.cancel()
+            if stream is not None:
+                stream.end()
 
     @staticmethod
     def _stream_error(message, text: str) -> pb.ModelStreamInferResponse:
@@ -194,13 +203,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          model_version=message.model_version)
         return pb.ModelStreamInferResponse(error_message=text, infer_response=response)
 
+    # -- trace extension ---------------------------------------------------------------------
+
+    @rpc
+    async def TraceSetting(self, request, context):
+        """No settings in the request reads them; listed keys change (an empty value list clears a
+        model's key back to the global value)."""
+        if request.settings:
+            changes = {key: list(value.value) for key, value in request.settings.items()}
+            settings = self.dp.trace_settings(request.model_name, changes, update=True)
+        else:
+            settings = self.dp.trace_settings(request.model_name)
+        response = pb.TraceSettingResponse()
+        for key, values in settings.items():
+            response.settings[key].value.extend(values)
+        return response
+
     # -- extensions not offered --------------------------------------------------------------
 
     SystemSharedMemoryStatus = rpc(_unsupported("system_shared_memory"))
     SystemSharedMemoryRegister = rpc(_unsupported("system_shared_memory"))
     CudaSharedMemoryStatus = rpc(_unsupported("cuda_shared_memory"))
     CudaSharedMemoryRegister = rpc(_unsupported("cuda_shared_memory"))
-    TraceSetting = rpc(_unsupported("trace"))
     LogSettings = rpc(_unsupported("logging"))
 
     # perf_analyzer unregisters "all regions" (empty name) at start and exit: nothing is

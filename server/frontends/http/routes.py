@@ -209,11 +209,47 @@ async def infer(dp: DataPlane, call: Call) -> Reply:
     request, fmt = converters.parse_infer(
         call.group("model"), call.group("version"), call.body, call.headers.get(HEADER_LENGTH)
     )
+    if dp.tracing.on:  # the caller's trace context (traceparent / tracestate headers)
+        request.trace = dp.tracing.from_http(call.headers)
     response = await dp.infer(request)
     header, blobs = converters.encode_infer(response, fmt)
     if not blobs:
         return Reply(200, [header])
     return Reply(200, [header, *blobs], BINARY, {HEADER_LENGTH: str(len(header))})
+
+
+# ---------------------------------------------------------------- trace extension
+
+
+def _trace_json(settings: dict[str, list[str]]) -> dict:
+    return {k: v if k == "trace_level" else v[0] for k, v in settings.items()}
+
+
+async def trace_get(dp: DataPlane, call: Call) -> Reply:
+    return ok(_trace_json(dp.trace_settings(call.group("model"))))
+
+
+async def trace_update(dp: DataPlane, call: Call) -> Reply:
+    """Listed keys change; ``null`` (or ``[]``) clears a model's key; an empty object for a model
+    drops all its settings (protocol: "a request to remove the specification")."""
+    model = call.group("model")
+    doc = _json_object(call, "trace setting")
+    if not doc:
+        settings = dp.trace_settings(model, None, update=True) if model else dp.trace_settings()
+        return ok(_trace_json(settings))
+    changes: dict[str, list[str] | None] = {}
+    for key, value in doc.items():
+        if value is None:
+            changes[key] = None
+        elif isinstance(value, str):
+            changes[key] = [value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            changes[key] = [str(value)]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            changes[key] = value
+        else:
+            raise invalid(f"trace setting '{key}' must be a string, a list of strings or null, got {value!r}")
+    return ok(_trace_json(dp.trace_settings(model, changes, update=True)))
 
 
 # ---------------------------------------------------------------- extensions not offered
@@ -259,9 +295,9 @@ ROUTES: list[tuple[str, dict[str, Handler]]] = [
     (_MODEL + r"/generate(?:_stream)?", {"POST": unsupported("generate")}),
     (
         r"/v2/models/(?P<model>[^/]+)/trace/setting",
-        {"GET": unsupported("trace"), "POST": unsupported("trace")},
+        {"GET": trace_get, "POST": trace_update},
     ),
-    (r"/v2/trace/setting", {"GET": unsupported("trace"), "POST": unsupported("trace")}),
+    (r"/v2/trace/setting", {"GET": trace_get, "POST": trace_update}),
     (r"/v2/logging", {"GET": unsupported("logging"), "POST": unsupported("logging")}),
     (_SHM + r"(?:/region/(?P<region>[^/]+))?/status", {"GET": shm_unsupported}),
     (_SHM + r"/region/(?P<region>[^/]+)/register", {"POST": shm_unsupported}),
