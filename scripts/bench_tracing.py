@@ -7,8 +7,10 @@ Two servers on the benchmark repository (scripts/bench.py: ``add_sub``, INT32 [1
 batching): one without any tracing configuration, one with ``OTEL_TRACES_EXPORTER=otlp`` exporting to
 a local OTLP/gRPC receiver (a separate process that decodes and counts the spans). The same
 closed-loop gRPC client (scripts/loadgen.py) drives them in alternating rounds (off/on, then on/off),
-so both see the same machine conditions; the median round is reported. Server CPU per request
-(/proc/<pid>/stat) is printed too: on a shared machine it moves much less than req/s.
+so both see the same machine conditions. Reported: the median round of each, and the median of the
+per-round on/off ratios (each pair ran back to back, so drift of the machine's load cancels).
+Server CPU per request (all threads, /proc/<pid>/stat) is printed too: on a shared machine it moves
+much less than req/s.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def _receiver(port: int, spans, ready) -> None:
 
 def start_server(name: str, env: dict | None) -> bench.Server:
     port = bench.free_port()
-    args = [sys.executable, "-m", "server.cli", "--model-repository", str(bench.BENCH_REPO), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--http-port", str(bench.free_port()), "--allow-metrics", "false"]
+    args = [sys.executable, "-m", "server.cli", "--model-repository", str(bench.BENCH_REPO),
+            "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(bench.free_port()),
+            "--allow-metrics", "false"]
     return bench.Server(name, args, port, env)
 
 
@@ -80,7 +83,8 @@ def measure(server: bench.Server, payload: bytes, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round and mode")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
@@ -122,8 +126,8 @@ def main() -> None:
             server.stop()
         receiver.terminate()
 
-    med = {m: {k: statistics.median(r[k] for r in rows[m]) for k in ("rps", "p50", "p99", "cpu_us")} for m in rows}
-    sent_on = sum(r["rps"] * args.seconds for r in rows["on"])
+    keys = ("rps", "p50", "p99", "cpu_us")
+    med = {m: {k: statistics.median(r[k] for r in rows[m]) for k in keys} for m in rows}
     print("\n| tracing | req/s | p50 ms | p99 ms | server CPU us/req |")
     print("|---|---|---|---|---|")
     for mode in ("off", "on"):
@@ -131,9 +135,15 @@ def main() -> None:
         print(f"| {mode} | {m['rps']:,.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['cpu_us']:.0f} |")
     cost = 1 - med["on"]["rps"] / med["off"]["rps"]
     cpu = med["on"]["cpu_us"] / med["off"]["cpu_us"] - 1
-    print(f"\nthroughput cost of tracing: {cost:.1%} (median rounds); server CPU per request: {cpu:+.1%}")
-    print(f"spans received: {sum(r['spans'] for r in rows['on']):,} "
-          f"(~{sum(r['spans'] for r in rows['on']) / max(sent_on, 1):.2f} per measured request, warm-up included)")
+    pairs = list(zip(rows["off"], rows["on"]))
+    paired_cost = statistics.median(1 - on["rps"] / off["rps"] for off, on in pairs)
+    paired_cpu = statistics.median(on["cpu_us"] / off["cpu_us"] - 1 for off, on in pairs)
+    print(f"\nthroughput cost of tracing: {cost:.1%} (median rounds), {paired_cost:.1%} (median of "
+          f"paired rounds); server CPU per request: {cpu:+.1%} / {paired_cpu:+.1%}")
+    spans_total = sum(r["spans"] for r in rows["on"])
+    sent_on = sum(r["rps"] * args.seconds for r in rows["on"])
+    print(f"spans received: {spans_total:,} (~{spans_total / max(sent_on, 1):.2f} per measured request, "
+          "warm-up included)")
 
 
 if __name__ == "__main__":

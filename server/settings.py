@@ -73,9 +73,10 @@ def parser() -> argparse.ArgumentParser:
                    help="name to serve a single-model folder under")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--trace-config", action="append", default=[], metavar="[opentelemetry,]SETTING=VALUE",
-                   help="tracing, as Triton spells it (repeatable): level=TIMESTAMPS|OFF, rate=N (1 in N), "
-                        "count=N, mode=opentelemetry, opentelemetry,url=HOST:PORT, opentelemetry,resource=K=V, "
-                        "opentelemetry,bsp_schedule_delay=MS ...; the OTEL_* environment variables apply too")
+                   help="tracing, as Triton spells it (repeatable): level=TIMESTAMPS|OFF, "
+                        "rate=N (1 in N), count=N, mode=opentelemetry, opentelemetry,url=HOST:PORT, "
+                        "opentelemetry,resource=K=V, opentelemetry,bsp_schedule_delay=MS ...; "
+                        "the OTEL_* environment variables apply too (docs/tracing.md)")
     return p
 
 

@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_
 from opentelemetry.proto.trace.v1 import trace_pb2
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import ROOT, ServerProcess, free_port
+from tests.harness import ROOT, ServerProcess
 
 SERVER, INTERNAL = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_INTERNAL
 STATUS_OK, STATUS_ERROR = trace_pb2.Status.STATUS_CODE_OK, trace_pb2.Status.STATUS_CODE_ERROR
@@ -175,8 +175,9 @@ def test_grpc_request_is_a_child_of_the_callers_span(traced, client, receiver):
     assert server.parent_span_id.hex() == caller
     assert server.status.code == STATUS_OK
     a = attrs(server)
-    assert (a["model_name"], a["model_version"], a["request_id"], a["status"]) == ("simple", "1", "grpc-1", "OK")
-    assert a["rpc.system"] == "grpc" and a["rpc.method"] == "ModelInfer"
+    assert (a["model_name"], a["model_version"], a["request_id"]) == ("simple", "1", "grpc-1")
+    assert a["status"] == "OK"
+    assert a["rpc.system"] == "grpc"
     queue, batch, compute = one(spans, "queue"), one(spans, "batch"), one(spans, "compute")
     assert queue.parent_span_id == server.span_id and queue.kind == INTERNAL
     assert batch.parent_span_id == server.span_id
@@ -252,7 +253,8 @@ def test_unsampled_caller_is_not_traced_and_stream_gets_one_span(traced, client,
     client.infer("simple", simple_inputs(), headers={"traceparent": unsampled})
     header, trace_id, caller = traceparent()
     answers: list = []
-    client.start_stream(lambda result, error: answers.append((result, error)), headers={"traceparent": header})
+    client.start_stream(lambda result, error: answers.append((result, error)),
+                        headers={"traceparent": header})
     for i in range(3):
         client.async_stream_infer("simple", simple_inputs(), request_id=f"s{i}")
     client.stop_stream()
@@ -268,8 +270,10 @@ def test_unsampled_caller_is_not_traced_and_stream_gets_one_span(traced, client,
 
 
 def test_model_load_and_unload_spans(traced, client, receiver):
-    spans = receiver.wait(lambda ss: {"simple", "dense", "faulty"} <= {attrs(s)["model_name"] for s in ss
-                                                                        if s.name == "model load"}, "load spans")
+    def loaded(spans) -> set:
+        return {attrs(s)["model_name"] for s in spans if s.name == "model load"}
+
+    spans = receiver.wait(lambda ss: {"simple", "dense", "faulty"} <= loaded(ss), "load spans")
     load = [s for s in spans if s.name == "model load" and attrs(s)["model_name"] == "dense"][0]
     assert attrs(load)["model_versions"] == ["1"] and load.status.code == STATUS_OK
     client.unload_model("faulty")
@@ -286,7 +290,8 @@ def test_model_load_and_unload_spans(traced, client, receiver):
 def test_trace_setting_changes_take_effect(traced, client, receiver):
     assert "trace" in client.get_server_metadata(as_json=True)["extensions"]
     settings = client.get_trace_settings(as_json=True)["settings"]
-    assert settings["trace_level"]["value"] == ["TIMESTAMPS"] and settings["trace_mode"]["value"] == ["opentelemetry"]
+    assert settings["trace_level"]["value"] == ["TIMESTAMPS"]
+    assert settings["trace_mode"]["value"] == ["opentelemetry"]
     off = client.update_trace_settings(settings={"trace_level": ["OFF"]}, as_json=True)["settings"]
     assert off["trace_level"]["value"] == ["OFF"]
     try:
@@ -313,7 +318,8 @@ def test_rest_model_settings_rate_and_count(traced, receiver):
         cleared = c.update_trace_settings("simple", {"trace_rate": None, "trace_count": None})
         assert cleared["trace_rate"] == "1" and cleared["trace_count"] == "-1"
         c.infer("simple", simple_inputs(httpclient), request_id="rate-after")
-    spans = receiver.wait(lambda ss: any(attrs(s).get("request_id") == "rate-after" for s in ss), "rate-after")
+    spans = receiver.wait(lambda ss: any(attrs(s).get("request_id") == "rate-after" for s in ss),
+                          "rate-after")
     traced_ids = sorted(attrs(s)["request_id"] for s in spans
                         if s.kind == SERVER and str(attrs(s).get("request_id", "")).startswith("rate-"))
     assert traced_ids == ["rate-0", "rate-2", "rate-after"]  # 1 in 2, then the count ran out
@@ -367,14 +373,61 @@ def test_triton_trace_config_flags(repo, receiver, start_server):
         c.infer("simple", simple_inputs(), headers={"traceparent": header})
     server_span = one(receiver.trace(trace_id, 4), "inference.GRPCInferenceService/ModelInfer")
     assert server_span.parent_span_id.hex() == caller
-    assert any(r.get("deployment") == "flags-test" and r.get("service.name") == "inferd" for r in receiver.resources)
+    assert any(r.get("deployment") == "flags-test" and r.get("service.name") == "inferd"
+               for r in receiver.resources)
+
+
+def test_triton_style_http_url_exports_otlp_over_http(repo, start_server):
+    """Triton's url form (http://host:4318/v1/traces) selects OTLP/HTTP; the spans then travel as SDK
+    ReadableSpans through the stock exporter (the other pipeline shape)."""
+    import http.server
+
+    received: list[trace_pb2.Span] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            assert self.path == "/v1/traces" and self.headers["Content-Type"] == "application/x-protobuf"
+            request = ts.ExportTraceServiceRequest.FromString(body)
+            received.extend(s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+            self.wfile.write(ts.ExportTraceServiceResponse().SerializeToString())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/v1/traces"
+        server = start_server([repo], "--trace-config", f"opentelemetry,url={url}",
+                              "--trace-config", "level=TIMESTAMPS", "--trace-config", "rate=1",
+                              env={"OTEL_BSP_SCHEDULE_DELAY": "50"})
+        header, trace_id, caller = traceparent()
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            c.infer("simple", simple_inputs(), headers={"traceparent": header})
+        deadline = time.monotonic() + 15
+        tid = bytes.fromhex(trace_id)
+        while sum(s.trace_id == tid for s in received) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        spans = [s for s in received if s.trace_id == tid]
+        assert sorted(s.name for s in spans) == ["batch", "compute",
+                                                 "inference.GRPCInferenceService/ModelInfer", "queue"]
+        assert one(spans, "inference.GRPCInferenceService/ModelInfer").parent_span_id.hex() == caller
+        assert "(http/protobuf)" in server.log()
+    finally:
+        httpd.shutdown()
 
 
 def test_bad_trace_config_stops_the_start_with_its_name():
-    for flag, text in [("level=LOUD", "unknown trace level 'LOUD'"), ("triton,file=/tmp/t.json", "triton trace mode"),
+    for flag, text in [("level=LOUD", "unknown trace level 'LOUD'"),
+                       ("triton,file=/tmp/t.json", "triton trace mode"),
                        ("opentelemetry,colour=blue", "unknown opentelemetry setting 'colour'")]:
         result = subprocess.run([sys.executable, "-m", "server.cli", "--model-repository", str(ROOT),
-                                 "--trace-config", flag], capture_output=True, text=True, cwd=ROOT, timeout=60)
+                                 "--trace-config", flag], capture_output=True, text=True, cwd=ROOT,
+                                timeout=60)
         assert result.returncode == 2 and text in result.stderr, result.stderr
 
 
@@ -382,35 +435,54 @@ def test_bad_trace_config_stops_the_start_with_its_name():
 
 
 def test_fast_encoding_equals_the_sdk_encoding():
-    """trace_export.encode must produce what the SDK's own OTLP encoder produces, for every span shape
-    the server makes (and SDK-made spans with events, links, statuses and a remote parent)."""
+    """Pre-encoded spans (otlp_encode, what the server queues when its exporter is OTLP/gRPC) must make
+    the request the SDK's own encoder makes from the same spans as ReadableSpans, for every span shape
+    the server emits, plus an SDK-made span (events, a remote parent, a status) in the same export."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
     from opentelemetry.trace import TraceState, set_span_in_context
 
     from server.telemetry.otlp_encode import encode
-    from server.telemetry.trace_export import Emitter
+    from server.telemetry.trace_export import UNSET, EncodedSpan, Emitter
 
-    memory = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(memory)
+    class Keep:
+        def __init__(self):
+            self.spans = []
+
+        def on_end(self, span):
+            self.spans.append(span)
+
     provider = TracerProvider()
-    provider.add_span_processor(processor)
-    emitter = Emitter(provider, [processor], "9.9")
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    fast, full = Keep(), Keep()
+    emitters = [Emitter(provider, [fast], "9.9", fast=True), Emitter(provider, [full], "9.9")]
+    emitters[1].resource, emitters[1].scope = emitters[0].resource, emitters[0].scope
     remote = SpanContext(0xABC, 0xDEF, True, TraceFlags(1), TraceState([("k", "v")]))
-    root = emitter.root(set_span_in_context(NonRecordingSpan(remote)), remote, "srv", SpanKind.SERVER, {})
-    emitter.emit("srv", root, remote, SpanKind.SERVER, {"s": "x", "i": 3, "b": True, "f": 0.5, "l": ["a", "b"],
-                 "e": [], "empty": "", "neg": -5, "big": 2**40}, 10, 20, Status(StatusCode.ERROR, "boom"))
-    child = emitter.child(root)
-    emitter.emit("batch", child, root, SpanKind.INTERNAL, {"batch_size": 2}, 11, 19, links=[Link(root), Link(remote)])
+    parent = set_span_in_context(NonRecordingSpan(remote))
+    trace_id, server, state = emitters[0].root(parent, remote, "srv", SpanKind.SERVER, {})
+    assert trace_id == 0xABC and state == remote.trace_state
+    attributes = {"s": "x", "i": 3, "b": True, "f": 0.5, "l": ["a", "b"], "e": [], "empty": "", "neg": -5,
+                  "big": 2**40}
+    for em in emitters:
+        em.emit("srv", SpanKind.SERVER, trace_id, server, state, 0xDEF, True, attributes, 10, 20,
+                Status(StatusCode.ERROR, "boom"))
+        em.emit_all([  # a batch's spans: one queued item
+            ("queue", SpanKind.INTERNAL, trace_id, 0x11, state, server, False, None, 11, 12, UNSET, ()),
+            ("batch", SpanKind.INTERNAL, trace_id, 0x12, state, server, False, {"batch_size": 2}, 12, 19,
+             UNSET, [(trace_id, server), (0x123, 0x456)])])
+        em.emit("stream", SpanKind.SERVER, 0x77, 0x78, None, 0, False, {"responses": 1}, 5, 30,
+                events=[("response", 25, {"request_id": "r", "status": "OK"})])
     tracer = provider.get_tracer("sdk-made", "1.0")
-    span = tracer.start_span("sdk", context=set_span_in_context(NonRecordingSpan(remote)), attributes={"a": 1})
+    span = tracer.start_span("sdk", context=parent, attributes={"a": 1})
     span.add_event("e", {"n": 2})
     span.set_status(Status(StatusCode.OK))
     span.end()
-    spans = memory.get_finished_spans()
-    assert len(spans) == 3
-
-    assert encode(spans) == encode_spans(spans)
+    sdk_made = memory.get_finished_spans()[0]
+    assert all(isinstance(s, EncodedSpan) for s in fast.spans)
+    assert len(fast.spans) == 3 and len(full.spans) == 4
+    assert encode(fast.spans + [sdk_made]) == encode_spans(full.spans + [sdk_made])
+    assert encode(full.spans) == encode_spans(full.spans)  # the ReadableSpan path too

@@ -298,6 +298,8 @@ class Scheduler:
     def _finish(self, job: Job) -> None:
         members, started_ns, _ = job.members
         end = time.perf_counter_ns()
+        if job.traces is not None:
+            tracing.batch_spans(job, self.config.name)
         if job.timing is not None:
             self.stats.record_batch(job.timing)
         for i, p in enumerate(members):

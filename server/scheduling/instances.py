@@ -33,6 +33,7 @@ class Job:
     batched: bool
     members: Any = None  # the scheduler's own bookkeeping, untouched here
     traces: list | None = None  # the traced members' RequestTraces (telemetry/tracing.py); None: none
+    span_times: tuple | None = None  # (start ns, end ns, instance) of a traced batch, for its spans
     # filled by the instance
     results: list[dict[str, np.ndarray]] | None = None
     error: ServingError | None = None
@@ -117,7 +118,7 @@ class Instance:
                 return
             if job.traces is None:
                 run_job(self.backend, job, self.model)
-            else:  # the batch's spans are made here, off the event loop
+            else:  # times it for its spans (made on the loop) and tags its log lines
                 tracing.run_batch(run_job, self.backend, job, self.model, self.name)
             try:
                 self._loop.call_soon_threadsafe(self._on_done, self, job)

@@ -14,12 +14,16 @@ from typing import Any, Mapping, Sequence
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.trace import SpanKind
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4, SpanKind.CONSUMER: 5}
+_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4,
+         SpanKind.CONSUMER: 5}
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags, as the SDK's encoder sets them
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
 _DOUBLE = struct.Struct("<d").pack
+_TIMES = struct.Struct("<BQBQ").pack  # start_time_unix_nano (7) and end_time_unix_nano (8), fixed64
+_NO_DROPS = (0, 0, 0)
 _CACHE_LIMIT = 4096  # encoded key/value pairs kept (request ids make new ones; constants repeat)
 _kv_cache: dict[tuple, bytes] = {}
 
@@ -92,7 +96,8 @@ _FLAG_VALUES = {False: _FIXED32(_HAS_IS_REMOTE), True: _FIXED32(_HAS_IS_REMOTE |
 _FLAGS = {remote: b"\x85\x01" + value for remote, value in _FLAG_VALUES.items()}  # Span.flags (16)
 _LINK_FLAGS = {remote: b"\x35" + value for remote, value in _FLAG_VALUES.items()}  # Link.flags (6)
 _names: dict[str, bytes] = {}
-_span_attrs: dict[tuple, bytes] = {}
+_str_attrs: dict[tuple, bytes] = {}
+_int_attrs: dict[tuple, bytes] = {}
 _statuses: dict[int, bytes] = {}
 
 
@@ -109,57 +114,70 @@ def _status(status) -> bytes:
 
 
 def _span_attr(key: str, value: Any) -> bytes:
-    """A span attribute field; str/int/bool values are cached (a request id adds one entry)."""
-    cacheable = value.__class__ in (str, int, bool)
-    if cacheable:
-        found = _span_attrs.get((key, value.__class__, value))
-        if found is not None:
-            return found
-    field = _ld(b"\x4a", _kv(key, value))
-    if cacheable:
-        if len(_span_attrs) >= _CACHE_LIMIT:
-            _span_attrs.clear()
-        _span_attrs[(key, value.__class__, value)] = field
-    return field
+    """A span attribute field; str and int values are cached, one cache per type (True == 1), and a
+    request id adds one entry."""
+    cache = _str_attrs if value.__class__ is str else _int_attrs if value.__class__ is int else None
+    if cache is None:
+        return _ld(b"\x4a", _kv(key, value))
+    found = cache.get((key, value))
+    if found is None:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        found = cache[(key, value)] = _ld(b"\x4a", _kv(key, value))
+    return found
 
 
-def span(raw: tuple, dropped: tuple[int, int, int] = (0, 0, 0)) -> bytes:
-    """A Span body from (name, context, parent, kind, attributes, events, links, status, start, end)."""
-    name, ctx, parent, kind, attributes, events, links, status, start, end = raw
-    parts = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big")]
-    if ctx.trace_state:
-        parts.append(_ld(b"\x1a", _state(ctx.trace_state).encode()))
-    if parent is not None:
-        parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+def span(trace_id: int, span_id: int, trace_state: Any, parent_id: int, parent_remote: bool, name: str,
+         kind: SpanKind, attributes: Any, events: Sequence[tuple], links: Sequence[tuple], status: Any,
+         start: int, end: int, dropped: tuple[int, int, int] = _NO_DROPS) -> bytes:
+    """A Span body. ``parent_id`` 0: a root; ``events`` (name, time, attributes); ``links``
+    (trace id, span id, remote, attributes)."""
+    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    if trace_state is not DEFAULT_TRACE_STATE and trace_state:
+        parts.append(_ld(b"\x1a", _state(trace_state).encode()))
+    if parent_id:
+        parts += (b"\x22\x08", parent_id.to_bytes(8, "big"))
     encoded_name = _names.get(name)
     if encoded_name is None:
         if len(_names) >= _CACHE_LIMIT:
             _names.clear()
         encoded_name = _names[name] = _ld(b"\x2a", name.encode())
-    parts += (encoded_name, _KINDS[id(kind)], b"\x39", _FIXED64(start), b"\x41", _FIXED64(end))
+    parts += (encoded_name, _KINDS[id(kind)], _TIMES(0x39, start, 0x41, end))
     if attributes:
-        parts += [_span_attr(k, v) for k, v in attributes.items()]
-    for event in events:
-        body = b"\x09" + _FIXED64(event.timestamp) + _ld(b"\x12", event.name.encode())
-        parts.append(_ld(b"\x5a", body + b"".join(_attributes(b"\x1a", event.attributes))))
-    for link in links:
-        lc = link.context
+        for key, value in attributes.items():
+            found = _str_attrs.get((key, value)) if value.__class__ is str else None
+            parts.append(found if found is not None else _span_attr(key, value))
+    for event_name, timestamp, event_attributes in events:
+        body = b"\x09" + _FIXED64(timestamp) + _ld(b"\x12", event_name.encode())
+        parts.append(_ld(b"\x5a", body + b"".join(_attributes(b"\x1a", event_attributes))))
+    for link_trace, link_span, remote, link_attributes in links:
         # (no trace_state on links: the SDK's encoder leaves it out too)
-        body = [b"\x0a\x10", lc.trace_id.to_bytes(16, "big"), b"\x12\x08", lc.span_id.to_bytes(8, "big")]
-        body += _attributes(b"\x22", link.attributes)
-        body.append(_LINK_FLAGS[lc.is_remote])
+        body = [b"\x0a\x10", link_trace.to_bytes(16, "big"), b"\x12\x08", link_span.to_bytes(8, "big")]
+        body += _attributes(b"\x22", link_attributes)
+        body.append(_LINK_FLAGS[remote])
         parts.append(_ld(b"\x6a", b"".join(body)))
     parts.append(_statuses.get(id(status)) or _status(status))
-    for tag, count in zip((b"\x50", b"\x60", b"\x70"), dropped):
-        if count:
-            parts += (tag, _varint(count))
-    parts.append(_FLAGS[parent is not None and parent.is_remote])
+    if dropped is not _NO_DROPS:
+        for tag, count in zip((b"\x50", b"\x60", b"\x70"), dropped):
+            if count:
+                parts += (tag, _varint(count))
+    parts.append(_FLAGS[parent_remote])
     return b"".join(parts)
 
 
+def framed(*args) -> bytes:
+    """``span(*args)`` as a ``ScopeSpans.spans`` field (tag and length in front)."""
+    return _ld(b"\x12", span(*args))
+
+
 def _readable(s) -> bytes:
-    return span((s.name, s.context, s.parent, s.kind, s.attributes, s.events, s.links, s.status, s.start_time,
-                 s.end_time), (s.dropped_attributes, s.dropped_events, s.dropped_links))
+    """Any SDK ReadableSpan (console + OTLP pipelines, or spans from a tracer)."""
+    ctx, parent = s.context, s.parent
+    return span(ctx.trace_id, ctx.span_id, ctx.trace_state, parent.span_id if parent is not None else 0,
+                parent is not None and parent.is_remote, s.name, s.kind, s.attributes,
+                [(e.name, e.timestamp, e.attributes) for e in s.events],
+                [(k.context.trace_id, k.context.span_id, k.context.is_remote, k.attributes) for k in s.links],
+                s.status, s.start_time, s.end_time, (s.dropped_attributes, s.dropped_events, s.dropped_links))
 
 
 def _resource(resource) -> bytes:
@@ -174,8 +192,8 @@ def _scope(scope) -> bytes:
 
 
 def encode_bytes(spans: Sequence[Any]) -> bytes:
-    """An ExportTraceServiceRequest, serialized: spans grouped by resource, then scope (by identity:
-    this server's spans share one of each)."""
+    """An ExportTraceServiceRequest, serialized: spans (EncodedSpans or ReadableSpans) grouped by
+    resource, then scope (by identity: this server's spans share one of each)."""
     resources: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
     for s in spans:
         resource, scope = s.resource, s.instrumentation_scope
@@ -185,8 +203,8 @@ def encode_bytes(spans: Sequence[Any]) -> bytes:
         group = entry[1].get(id(scope))
         if group is None:
             group = entry[1][id(scope)] = (scope, [])
-        encoded = getattr(s, "encoded", None)
-        group[1].append(_ld(b"\x12", encoded if encoded is not None else _readable(s)))
+        # an EncodedSpan (trace_export.py) is already one or more framed spans
+        group[1].append(s if isinstance(s, bytes) else _ld(b"\x12", _readable(s)))
     out = []
     for resource, scopes in resources.values():
         body = [_ld(b"\x0a", _resource(resource))]

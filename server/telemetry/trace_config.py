@@ -74,14 +74,16 @@ def parse(items: list[str], env: Mapping[str, str] | None = None) -> TraceConfig
         config.exporters = [e.strip() for e in exporter_env.split(",") if e.strip()]
         for name in config.exporters:
             if name not in _EXPORTERS:
-                raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter '{name}' (use otlp, console or none)")
+                raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter '{name}' "
+                                 "(use otlp, console or none)")
         if config.exporters != ["none"]:
             config.level = ["TIMESTAMPS"]  # asking for an exporter turns tracing on
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     if sampler:
         if sampler not in _SAMPLERS:
-            raise ValueError(f"OTEL_TRACES_SAMPLER: unknown sampler '{sampler}' (use one of {', '.join(_SAMPLERS)})")
+            raise ValueError(f"OTEL_TRACES_SAMPLER: unknown sampler '{sampler}' "
+                             f"(use one of {', '.join(_SAMPLERS)})")
         config.sampler = sampler
     if "traceidratio" in config.sampler and env.get("OTEL_TRACES_SAMPLER_ARG", "").strip():
         text = env["OTEL_TRACES_SAMPLER_ARG"]
@@ -190,7 +192,8 @@ def _sampler(config: TraceConfig):
     return sampling.ParentBasedTraceIdRatio(config.sampler_arg)
 
 
-def build_provider(config: TraceConfig, version: str, env: Mapping[str, str] | None = None) -> tuple[Any, list]:
+def build_provider(config: TraceConfig, version: str,
+                   env: Mapping[str, str] | None = None) -> tuple[Any, list]:
     """A TracerProvider (not installed globally) with one BatchSpanProcessor per exporter, and those."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -206,7 +209,8 @@ def build_provider(config: TraceConfig, version: str, env: Mapping[str, str] | N
     bsp = {"max_queue_size": config.bsp.get("bsp_max_queue_size"),
            "schedule_delay_millis": config.bsp.get("bsp_schedule_delay"),
            "max_export_batch_size": config.bsp.get("bsp_max_export_batch_size")}
-    processors = [BatchSpanProcessor(_exporter(name, config), **bsp) for name in config.exporters if name != "none"]
+    processors = [BatchSpanProcessor(_exporter(name, config), **bsp)
+                  for name in config.exporters if name != "none"]
     for processor in processors:
         provider.add_span_processor(processor)
     return provider, processors

@@ -117,7 +117,8 @@ class TraceSettings:
         values = {**self.values, **self.overrides.get(model, {})} if model else dict(self.values)
         gate = self.gate_for(model) if model else self.gate
         values["trace_count"] = (gate.counter or gate).count
-        return {k: [str(x) for x in v] if isinstance(v, list) else [str(v)] for k, v in sorted(values.items())}
+        return {k: [str(x) for x in v] if isinstance(v, list) else [str(v)]
+                for k, v in sorted(values.items())}
 
     # -- changing ---------------------------------------------------------------------------
 

@@ -8,13 +8,14 @@ frontends, ``request.trace is None`` past them) and the SDK is never imported. W
                 the child of the caller's span; a RequestTrace travels with the request
     scheduler   queue span per request (enqueued -> an instance picks its batch up); one batch span
                 per executed batch (batch_size, links to every member's server span) with the
-                backend's compute span inside; made in the instance thread from the contexts the
-                requests carry: nothing relies on an implicit "current span", across threads or not
+                backend's compute span inside; the instance thread times the batch, the spans are
+                made on the loop once it is done, from the ids the requests carry: nothing relies on
+                an implicit "current span", across threads or not
     repository  a span per model load / unload
     stream      one server span over a whole ModelStreamInfer stream, one event per response; its
                 requests' spans are its children
 
-Spans are made finished, with explicit parents (trace_export.Emitter). Log lines emitted while a
+Spans are made finished, with explicit ids and parents (trace_export.Emitter). Log lines emitted while a
 traced request is handled (on the loop, or by the instance thread running its batch) end with
 ``trace_id=<32 hex>``.
 """
@@ -37,8 +38,9 @@ from .trace_settings import TraceSettings
 log = logging.getLogger(__name__)
 
 _PROPAGATED = ("traceparent", "tracestate")
-# "trace_id=..." of the request (or batch) being handled in this task / thread; None: untraced
-_LOG_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("inferd_trace", default=None)
+# the RequestTrace (or a batch's list of them) being handled in this task / thread; None: untraced
+_LOG_TAG: contextvars.ContextVar[Any] = contextvars.ContextVar("inferd_trace", default=None)
+_NOSTART = bool(__import__("os").environ.get("NOSTART"))
 _x: Any = None  # trace_export and the OpenTelemetry names, imported when a pipeline is first built
 
 
@@ -47,14 +49,13 @@ def _load() -> Any:
     if _x is None:
         from types import SimpleNamespace
 
-        from opentelemetry.sdk.trace import Event
-        from opentelemetry.trace import Link, SpanKind, get_current_span
+        from opentelemetry.trace import SpanKind, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         from . import trace_export
 
-        _x = SimpleNamespace(SERVER=SpanKind.SERVER, INTERNAL=SpanKind.INTERNAL, Link=Link, Event=Event,
-                             span_of=get_current_span, propagator=TraceContextTextMapPropagator(),
+        _x = SimpleNamespace(SERVER=SpanKind.SERVER, INTERNAL=SpanKind.INTERNAL, span_of=get_current_span,
+                             propagator=TraceContextTextMapPropagator(),
                              OK=trace_export.OK, UNSET=trace_export.UNSET, error=trace_export.error,
                              Emitter=trace_export.Emitter)
     return _x
@@ -68,8 +69,10 @@ def _install_log_tag() -> None:
 
     def factory(*args, **kwargs) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        tag = _LOG_TAG.get()
-        if tag is not None:
+        traced = _LOG_TAG.get()
+        if traced is not None:  # formatted only when something is logged
+            ids = [traced] if isinstance(traced, RequestTrace) else traced
+            tag = "trace_id=" + ",".join(dict.fromkeys(f"{rt.trace_id:032x}" for rt in ids))
             try:
                 record.msg, record.args = f"{record.getMessage()} {tag}", None
             except Exception:  # a malformed call: logging reports it when the record is emitted
@@ -81,8 +84,9 @@ def _install_log_tag() -> None:
     logging.setLogRecordFactory(factory)
 
 
-_GRPC = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer"}
-_GRPC_STREAM = {**_GRPC, "rpc.method": "ModelStreamInfer"}
+# service and method are in the span name; every attribute is encoded and sent for every request
+_GRPC = {"rpc.system": "grpc"}
+_GRPC_STREAM = _GRPC
 _HTTP = {"http.request.method": "POST", "http.route": "/v2/models/{model}[/versions/{version}]/infer"}
 
 
@@ -102,45 +106,54 @@ class Incoming:
         self.kind = kind
         self.attributes = attributes
         self.start_ns = time.time_ns()
-        self.stream = stream
+        self.stream = stream  # set for a request on a traced stream: the stream span is its parent
 
 
 class RequestTrace:
-    """A traced request past the data plane: its server span, finished when the answer is ready."""
+    """A traced request past the data plane: its server span's ids, finished when the answer is ready.
+    The queue and batch spans hang from ``span_id``."""
 
-    __slots__ = ("emitter", "context", "parent", "name", "kind", "attributes", "start_ns", "queued_ns", "tag")
+    __slots__ = ("emitter", "trace_id", "span_id", "trace_state", "parent_id", "parent_remote", "name",
+                 "kind", "attributes", "start_ns", "queued_ns")
 
-    def __init__(self, emitter, context, incoming: Incoming, attributes: dict) -> None:
+    def __init__(self, emitter, ids: tuple, parent_id: int, parent_remote: bool, incoming: Incoming,
+                 attributes: dict) -> None:
         self.emitter = emitter
-        self.context = context  # this span's SpanContext: the parent of the queue and batch spans
-        self.parent = incoming.parent_span
+        self.trace_id, self.span_id, self.trace_state = ids
+        self.parent_id, self.parent_remote = parent_id, parent_remote
         self.name, self.kind = incoming.name, incoming.kind
         self.attributes = attributes
         self.start_ns = incoming.start_ns
         self.queued_ns = 0
-        self.tag = f"trace_id={context.trace_id:032x}"
+
+    def child(self, name: str, attributes: dict | None, start: int, end: int, status=None) -> None:
+        self.emitter.emit(name, _x.INTERNAL, self.trace_id, self.emitter.new_span_id(), self.trace_state,
+                          self.span_id, False, attributes, start, end, status or _x.UNSET)
 
     def finish(self, status_code: str, message: str = "") -> None:
-        self.attributes["status"] = status_code
+        attributes = self.attributes
+        attributes["status"] = status_code
         if status_code == "OK":
             status = _x.OK
         else:
             status = _x.error(message)
-            self.attributes["error.type"] = status_code
-        self.emitter.emit(self.name, self.context, self.parent, self.kind, self.attributes, self.start_ns,
-                          time.time_ns(), status)
+            attributes["error.type"] = status_code
+        self.emitter.emit(self.name, self.kind, self.trace_id, self.span_id, self.trace_state, self.parent_id,
+                          self.parent_remote, attributes, self.start_ns, time.time_ns(), status)
 
 
 class StreamTrace:
     """One span over a ModelStreamInfer stream. Traced or not is decided at its first request, by
     that request's model settings; then every request on it is traced, as the stream's children."""
 
+    NAME = "inference.GRPCInferenceService/ModelStreamInfer"
+
     def __init__(self, tracing: "Tracing", parent, parent_span) -> None:
         self.tracing = tracing
         self.parent, self.parent_span = parent, parent_span
         self.start_ns = time.time_ns()
         self.decided = False
-        self.context = None
+        self.ids: tuple | None = None  # (trace id, span id, trace state) once traced
         self.events: list = []
         self.failures = 0
         self.ended = False
@@ -150,25 +163,26 @@ class StreamTrace:
             self.decided = True
             tracing = self.tracing
             if tracing.on and tracing.settings.gate_for(model).admit(self.parent_span is not None):
-                self.context = tracing.emitter.root(self.parent, self.parent_span,
-                                                    "inference.GRPCInferenceService/ModelStreamInfer",
-                                                    _x.SERVER, dict(_GRPC_STREAM))
-        if self.context is None:
+                self.ids = tracing.emitter.root(self.parent, self.parent_span, self.NAME, _x.SERVER,
+                                                dict(_GRPC_STREAM))
+        if self.ids is None:
             return None
-        return Incoming(None, self.context, "infer", _x.INTERNAL, {}, stream=self)
+        return Incoming(None, None, "infer", _x.INTERNAL, {}, stream=self)
 
     def responded(self, request_id: str, status: str) -> None:
         if self.ended:  # a request cancelled with its stream finished after it
             return
         self.failures += status != "OK"
-        self.events.append(_x.Event("response", {"request_id": request_id, "status": status}, time.time_ns()))
+        self.events.append(("response", time.time_ns(), {"request_id": request_id, "status": status}))
 
     def end(self) -> None:
-        if self.context is not None and not self.ended:
+        if self.ids is not None and not self.ended:
+            trace_id, span_id, trace_state = self.ids
+            parent = self.parent_span
             attributes = dict(_GRPC_STREAM, responses=len(self.events), failed_responses=self.failures)
-            self.tracing.emitter.emit("inference.GRPCInferenceService/ModelStreamInfer", self.context,
-                                      self.parent_span, _x.SERVER, attributes, self.start_ns, time.time_ns(),
-                                      _x.OK, events=tuple(self.events))
+            self.tracing.emitter.emit(self.NAME, _x.SERVER, trace_id, span_id, trace_state,
+                                      parent.span_id if parent is not None else 0, parent is not None,
+                                      attributes, self.start_ns, time.time_ns(), _x.OK, events=self.events)
         self.ended = True
 
 
@@ -203,13 +217,13 @@ class Tracing:
             return
         _load()
         self.provider, processors = trace_config.build_provider(self.config, __version__, self.env)
-        fast = __import__("os").environ.get("PRE") == "1" and "otlp" in self.config.exporters  # EXPERIMENT
-        self.emitter = _x.Emitter(self.provider, processors, __version__, encode=fast)
-        if __import__("os").environ.get("DROP") == "1":  # EXPERIMENT
-            self.emitter.processors = ()
+        # spans go out pre-encoded when the one exporter is inferd's OTLP/gRPC one (trace_export.py)
+        fast = self.config.exporters == ["otlp"] and self.config.protocol == "grpc"
+        self.emitter = _x.Emitter(self.provider, processors, __version__, fast=fast)
         where = self.config.url or (self.env or {}).get("OTEL_EXPORTER_OTLP_ENDPOINT", "the OTEL_* endpoint")
+        values = self.settings.values
         log.info("tracing on: %s via %s (%s), level %s, rate %s", ",".join(self.config.exporters), where,
-                 self.config.protocol, self.settings.values["trace_level"], self.settings.values["trace_rate"])
+                 self.config.protocol, values["trace_level"], values["trace_rate"])
 
     def shutdown(self) -> None:
         """Flush what is queued to the exporters (blocking: call it in a thread)."""
@@ -222,7 +236,8 @@ class Tracing:
     def get_settings(self, model: str = "") -> dict[str, list[str]]:
         return self.settings.get(model)
 
-    def update_settings(self, model: str, changes: dict[str, list[str] | None] | None) -> dict[str, list[str]]:
+    def update_settings(self, model: str,
+                        changes: dict[str, list[str] | None] | None) -> dict[str, list[str]]:
         """Change settings (None: clear all of ``model``'s overrides); returns the new values."""
         if changes is None:
             self.settings.clear(model)
@@ -264,19 +279,22 @@ class Tracing:
         """The request's server span (open), or None when its settings or the sampler do not trace it."""
         if not self.on:
             return None
-        attributes = dict(incoming.attributes)
-        attributes["model_name"] = model
-        attributes["request_id"] = request_id
-        if incoming.stream is not None:  # inside a traced stream: always, as its child
-            context = self.emitter.child(incoming.parent_span)
-        else:
-            if not self.settings.gate_for(model).admit(incoming.parent_span is not None):
-                return None
-            context = self.emitter.root(incoming.parent, incoming.parent_span, incoming.name, incoming.kind,
-                                        attributes)
-            if context is None:  # the sampler (OTEL_TRACES_SAMPLER, or the caller's flag) said no
-                return None
-        return RequestTrace(self.emitter, context, incoming, attributes)
+        if _NOSTART:  # EXPERIMENT
+            return None
+        attributes = {**incoming.attributes, "model_name": model, "request_id": request_id}
+        stream = incoming.stream
+        if stream is not None:  # inside a traced stream: always, as its child
+            trace_id, parent_id, trace_state = stream.ids
+            return RequestTrace(self.emitter, (trace_id, self.emitter.new_span_id(), trace_state), parent_id,
+                                False, incoming, attributes)
+        caller = incoming.parent_span
+        if not self.settings.gate_for(model).admit(caller is not None):
+            return None
+        ids = self.emitter.root(incoming.parent, caller, incoming.name, incoming.kind, attributes)
+        if ids is None:  # the sampler (OTEL_TRACES_SAMPLER, or the caller's flag) said no
+            return None
+        parent_id = caller.span_id if caller is not None else 0
+        return RequestTrace(self.emitter, ids, parent_id, caller is not None, incoming, attributes)
 
     async def infer(self, call: Callable[[Any], Awaitable[Any]], request) -> Any:
         """Run ``call(request)`` (the data plane's inference) inside the request's server span."""
@@ -285,7 +303,7 @@ class Tracing:
         if rt is None:
             return await call(request)
         request.trace = rt
-        token = _LOG_TAG.set(rt.tag)
+        token = _LOG_TAG.set(rt)
         status, message = "OK", ""
         try:
             response = await call(request)
@@ -314,29 +332,36 @@ class Tracing:
 
 def queue_failed(rt: RequestTrace, error: ServingError) -> None:
     """The queue span of a request that left the queue without running (timeout, unload)."""
-    em = rt.emitter
-    em.emit("queue", em.child(rt.context), rt.context, _x.INTERNAL, {"error.type": error.code.name},
-            rt.queued_ns, time.time_ns(), _x.error(error.message))
+    rt.child("queue", {"error.type": error.code.name}, rt.queued_ns, time.time_ns(), _x.error(error.message))
 
 
 def run_batch(run: Callable[..., None], backend, job, model: str, instance: str) -> None:
-    """``run(backend, job, model)`` (the instance thread's batch execution) with its spans: each
-    member's queue span, the batch span linked to every member's server span, compute inside it."""
+    """``run(backend, job, model)`` in the instance thread, for a batch with traced members: its log
+    lines name their trace ids, and when it started and ended is kept for ``batch_spans``."""
     traces: list[RequestTrace] = job.traces
-    head = traces[0]
-    em = head.emitter
-    internal = _x.INTERNAL
+    token = _LOG_TAG.set(traces)
     picked = time.time_ns()
-    for rt in traces:
-        em.emit("queue", em.child(rt.context), rt.context, internal, None, rt.queued_ns or picked, picked)
-    token = _LOG_TAG.set(head.tag if len(traces) == 1 else "trace_id=" + ",".join(
-        dict.fromkeys(rt.tag[9:] for rt in traces)))
     try:
         run(backend, job, model)
     finally:
         _LOG_TAG.reset(token)
-    end = time.time_ns()
-    batch = em.child(head.context)
+        job.span_times = (picked, time.time_ns(), instance)
+
+
+def batch_spans(job, model: str) -> None:
+    """On the event loop, once a traced batch is done: each member's queue span, the batch span (a
+    child of the first member's server span, linked to every member's), and compute inside it.
+
+    Made here rather than in the instance thread: on this 2-core machine the same Python work ran
+    several times slower in a second thread (the objects it touches live in the loop core's cache)."""
+    traces: list[RequestTrace] = job.traces
+    head = traces[0]
+    em = head.emitter
+    picked, end, instance = job.span_times
+    internal, trace_id, state = _x.INTERNAL, head.trace_id, head.trace_state
+    new_id, unset = em.new_span_id, _x.UNSET
+    spans = [("queue", internal, rt.trace_id, new_id(), rt.trace_state, rt.span_id, False, None,
+              rt.queued_ns or picked, picked, unset, ()) for rt in traces]
     timing = job.timing
     if timing is not None:
         start = picked + timing.input_ns
@@ -351,10 +376,11 @@ def run_batch(run: Callable[..., None], backend, job, model: str, instance: str)
         attributes["error.type"] = job.error.code.name
     elif job.errors is not None:
         attributes["failed_requests"] = sum(e is not None for e in job.errors)
-    em.emit("compute", em.child(batch), batch, internal, {"model_name": model, "instance": instance},
-            start, stop, status)
-    em.emit("batch", batch, head.context, internal, attributes, picked, end, status,
-            [_x.Link(rt.context) for rt in traces])
+    batch = new_id()
+    spans.append(("compute", internal, trace_id, new_id(), state, batch, False, None, start, stop, status, ()))
+    spans.append(("batch", internal, trace_id, batch, state, head.span_id, False, attributes, picked, end, status,
+                  [(rt.trace_id, rt.span_id) for rt in traces]))
+    em.emit_all(spans)  # one queued item for the batch's spans
 
 
 # ---------------------------------------------------------------- repository: load / unload spans
@@ -372,8 +398,8 @@ def model_span(operation: str):
                 return await method(self, name, *args, **kwargs)
             em = tracing.emitter
             attributes: dict[str, Any] = {"model_name": name}
-            context = em.root(None, None, f"model {operation}", _x.INTERNAL, attributes)
-            if context is None:
+            ids = em.root(None, None, f"model {operation}", _x.INTERNAL, attributes)
+            if ids is None:
                 return await method(self, name, *args, **kwargs)
             start, status = time.time_ns(), _x.OK
             try:
@@ -388,7 +414,8 @@ def model_span(operation: str):
                 raise
             finally:
                 attributes["model_versions"] = [str(mv.version) for mv in self.ready_versions(name)]
-                em.emit(f"model {operation}", context, None, _x.INTERNAL, attributes, start, time.time_ns(), status)
+                em.emit(f"model {operation}", _x.INTERNAL, *ids, 0, False, attributes, start, time.time_ns(),
+                        status)
 
         return wrapper
 

@@ -158,7 +158,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         results: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
         # one span over the whole stream, its requests' spans inside it
-        stream = self.dp.tracing.from_grpc(context.invocation_metadata(), stream=True) if self.dp.tracing.on else None
+        stream = None
+        if self.dp.tracing.on:
+            stream = self.dp.tracing.from_grpc(context.invocation_metadata(), stream=True)
 
         async def one(message) -> None:
             try:
