@@ -64,11 +64,6 @@ class Emitter:
         self.fast = fast
         self._record = type("EncodedSpan", (EncodedSpan,), {
             "__slots__": (), "resource": self.resource, "instrumentation_scope": self.scope})
-        import os  # EXPERIMENT
-        if os.environ.get("NOENC"):
-            otlp_encode.framed = lambda *a: b""
-        if os.environ.get("NOPROC"):
-            self.processors = ()
         # the default samplers decide without a call: always_on, and parentbased_always_on (the
         # caller's sampled flag decides when there is a caller; callers are always remote here)
         self._always = self.sampler is sampling.ALWAYS_ON
@@ -104,8 +99,8 @@ class Emitter:
             for processor in self.processors:
                 processor.on_end(record)
         else:
-            self._emit_readable(name, kind, trace_id, span_id, trace_state, parent_id, parent_remote, attributes,
-                                start, end, status, links, events)
+            self._emit_readable(name, kind, trace_id, span_id, trace_state, parent_id, parent_remote,
+                                attributes, start, end, status, links, events)
 
     def emit_all(self, spans: Sequence[tuple]) -> None:
         """Several finished spans, each ``emit``'s first twelve arguments (no events), queued as one
@@ -140,11 +135,3 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
 
     def _translate_data(self, data: Sequence[Any]) -> ExportTraceServiceRequest:
         return otlp_encode.encode(data)
-
-    def export(self, spans):  # EXPERIMENT
-        import os
-        if os.environ.get("NOSEND"):
-            self._translate_data(spans)
-            from opentelemetry.sdk.trace.export import SpanExportResult
-            return SpanExportResult.SUCCESS
-        return super().export(spans)

@@ -15,9 +15,9 @@ frontends, ``request.trace is None`` past them) and the SDK is never imported. W
     stream      one server span over a whole ModelStreamInfer stream, one event per response; its
                 requests' spans are its children
 
-Spans are made finished, with explicit ids and parents (trace_export.Emitter). Log lines emitted while a
-traced request is handled (on the loop, or by the instance thread running its batch) end with
-``trace_id=<32 hex>``.
+Spans are made finished, with explicit ids and parents (trace_export.Emitter). Log lines emitted
+while a traced request is handled (on the loop, or by the instance thread running its batch) end
+with ``trace_id=<32 hex>``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 import time
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 _PROPAGATED = ("traceparent", "tracestate")
 # the RequestTrace (or a batch's list of them) being handled in this task / thread; None: untraced
 _LOG_TAG: contextvars.ContextVar[Any] = contextvars.ContextVar("inferd_trace", default=None)
-_NOSTART = bool(__import__("os").environ.get("NOSTART"))
 _x: Any = None  # trace_export and the OpenTelemetry names, imported when a pipeline is first built
 
 
@@ -86,7 +86,6 @@ def _install_log_tag() -> None:
 
 # service and method are in the span name; every attribute is encoded and sent for every request
 _GRPC = {"rpc.system": "grpc"}
-_GRPC_STREAM = _GRPC
 _HTTP = {"http.request.method": "POST", "http.route": "/v2/models/{model}[/versions/{version}]/infer"}
 
 
@@ -164,7 +163,7 @@ class StreamTrace:
             tracing = self.tracing
             if tracing.on and tracing.settings.gate_for(model).admit(self.parent_span is not None):
                 self.ids = tracing.emitter.root(self.parent, self.parent_span, self.NAME, _x.SERVER,
-                                                dict(_GRPC_STREAM))
+                                                dict(_GRPC))
         if self.ids is None:
             return None
         return Incoming(None, None, "infer", _x.INTERNAL, {}, stream=self)
@@ -179,7 +178,7 @@ class StreamTrace:
         if self.ids is not None and not self.ended:
             trace_id, span_id, trace_state = self.ids
             parent = self.parent_span
-            attributes = dict(_GRPC_STREAM, responses=len(self.events), failed_responses=self.failures)
+            attributes = dict(_GRPC, responses=len(self.events), failed_responses=self.failures)
             self.tracing.emitter.emit(self.NAME, _x.SERVER, trace_id, span_id, trace_state,
                                       parent.span_id if parent is not None else 0, parent is not None,
                                       attributes, self.start_ns, time.time_ns(), _x.OK, events=self.events)
@@ -220,7 +219,11 @@ class Tracing:
         # spans go out pre-encoded when the one exporter is inferd's OTLP/gRPC one (trace_export.py)
         fast = self.config.exporters == ["otlp"] and self.config.protocol == "grpc"
         self.emitter = _x.Emitter(self.provider, processors, __version__, fast=fast)
-        where = self.config.url or (self.env or {}).get("OTEL_EXPORTER_OTLP_ENDPOINT", "the OTEL_* endpoint")
+        env = os.environ if self.env is None else self.env
+        where = (self.config.url or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                 or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4317")
+        if "otlp" not in self.config.exporters:
+            where = "stdout"
         values = self.settings.values
         log.info("tracing on: %s via %s (%s), level %s, rate %s", ",".join(self.config.exporters), where,
                  self.config.protocol, values["trace_level"], values["trace_rate"])
@@ -278,8 +281,6 @@ class Tracing:
     def start(self, incoming: Incoming, model: str, request_id: str) -> RequestTrace | None:
         """The request's server span (open), or None when its settings or the sampler do not trace it."""
         if not self.on:
-            return None
-        if _NOSTART:  # EXPERIMENT
             return None
         attributes = {**incoming.attributes, "model_name": model, "request_id": request_id}
         stream = incoming.stream
@@ -377,9 +378,11 @@ def batch_spans(job, model: str) -> None:
     elif job.errors is not None:
         attributes["failed_requests"] = sum(e is not None for e in job.errors)
     batch = new_id()
-    spans.append(("compute", internal, trace_id, new_id(), state, batch, False, None, start, stop, status, ()))
-    spans.append(("batch", internal, trace_id, batch, state, head.span_id, False, attributes, picked, end, status,
-                  [(rt.trace_id, rt.span_id) for rt in traces]))
+    links = [(rt.trace_id, rt.span_id) for rt in traces]
+    spans.append(("compute", internal, trace_id, new_id(), state, batch, False, None, start, stop, status,
+                  ()))
+    spans.append(("batch", internal, trace_id, batch, state, head.span_id, False, attributes, picked, end,
+                  status, links))
     em.emit_all(spans)  # one queued item for the batch's spans
 
 
