@@ -9,6 +9,7 @@ import logging
 
 from server import __version__
 from server.core.errors import ErrorCode, ServingError, unavailable
+from server.core.names import check_model_name
 from server.core.types import InferRequest, InferResponse, Tensor
 from server.repository import config as configs
 from server.repository.manager import ModelVersion, RepositoryManager
@@ -91,6 +92,7 @@ class DataPlane:
         """(Re)load ``name``; ``config`` (ModelConfig JSON) replaces config.pbtxt for this load, and
         ``files`` (``<version>/<file>`` -> bytes) replace the model folder, as Triton's parameters do."""
         self._check_control()
+        check_model_name(name, "load")
         if files and config is None:
             raise ServingError(ErrorCode.INVALID_ARGUMENT,
                                f"failed to load '{name}': 'file:' load parameters need the 'config' parameter "
@@ -99,6 +101,7 @@ class DataPlane:
 
     async def unload(self, name: str) -> None:
         self._check_control()
+        check_model_name(name, "unload")
         await self.repository.unload(name)
 
     # -- trace extension ---------------------------------------------------------------------

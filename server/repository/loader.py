@@ -16,6 +16,7 @@ from server.core import config as core
 from server.core.backend import Backend, LoadContext
 from server.core.dtypes import NUMPY_DTYPES
 from server.core.errors import ErrorCode, ServingError
+from server.core.names import check_model_name
 from server.protos import model_config_pb2 as mc
 
 from . import backends, layout
@@ -221,9 +222,12 @@ def write_override(name: str, files: dict[str, bytes]) -> Path:
     Returns ``<tmp>/<name>``; the caller removes the parent (``remove_override``) once no version
     loaded from it serves. Paths must stay inside the folder.
     """
+    check_model_name(name)  # the data plane checked it too; this folder is deleted later, so check again
     root = Path(tempfile.mkdtemp(prefix="inferd-load-"))  # mode 0700: private to this process's user
     folder = root / name
     try:
+        if folder.parent != root or not folder.resolve().is_relative_to(root.resolve()):
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, "the model name must be one folder name")
         folder.mkdir()
         for rel, data in sorted(files.items()):
             parts = PurePosixPath(rel).parts
@@ -232,6 +236,9 @@ def write_override(name: str, files: dict[str, bytes]) -> Path:
                                    f"load parameter 'file:{rel}': the path must be relative to the model "
                                    "folder, e.g. 'file:1/model.onnx', without '..'")
             target = folder.joinpath(*parts)
+            if not target.resolve().is_relative_to(folder.resolve()):
+                raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                                   f"load parameter 'file:{rel}': the path leaves the model folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
     except BaseException:
@@ -241,4 +248,9 @@ def write_override(name: str, files: dict[str, bytes]) -> Path:
 
 
 def remove_override(folder: Path) -> None:
-    shutil.rmtree(folder.parent, ignore_errors=True)
+    """Remove the private folder ``write_override`` made (only ever an ``inferd-load-*`` temp folder)."""
+    root = folder.parent
+    if not root.name.startswith("inferd-load-") or root.parent != Path(tempfile.gettempdir()):
+        log.error("refusing to remove '%s': not a folder this server made for a load", root)
+        return
+    shutil.rmtree(root, ignore_errors=True)
