@@ -336,7 +336,9 @@ ERROR_CASES = [
          "'INPUT0'", "8 elements", "needs 16"),
     _err("unknown-output", "simple", (_IN0, _IN1), _BAD, "'OUTPUT7'", "'OUTPUT0', 'OUTPUT1'",
          outputs=("OUTPUT7",)),
-    _err("reserved-triton-parameter", "simple", (_IN0, _IN1), _BAD, "'triton_foo'", "reserved",
+    _err("reserved-triton-parameter", "simple", (_IN0, _IN1), _BAD,
+         "parameter keys starting with 'triton_' are reserved for Triton usage. Only the following keys "
+         "starting with 'triton_' are allowed: triton_enable_empty_final_response",
          parameters={"triton_foo": True}),
     _err("priority-out-of-range", "identity_fp32", (In("INPUT0", "FP32", _F4),), _BAD, "priority 5",
          "1..2", parameters={"priority": 5}),

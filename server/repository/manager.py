@@ -19,9 +19,9 @@ from server.core import config as core
 from server.core.errors import ErrorCode, ServingError, not_found, unavailable
 from server.protos import model_config_pb2 as mc
 from server.scheduling.batcher import Scheduler
-from server.scheduling.instances import Instance
+from server.scheduling.serving import ServingFactory
+from server.telemetry.stats import ModelStats
 from server.telemetry.tracing import Tracing, model_span
-from server.telemetry.stats import ModelStats, StatsSink
 
 from . import layout
 from .fingerprint import ModelPrint, model_print
@@ -67,13 +67,12 @@ def _reasons(failed: dict[int, str]) -> str:
 
 
 class RepositoryManager:
-    tracing: Tracing | None = None  # set by the app: load / unload spans when tracing is on
-
     def __init__(self, repositories: list[Path], options: LoadOptions | None = None,
-                 sink: StatsSink | None = None) -> None:
+                 serving: ServingFactory | None = None, tracing: Tracing | None = None) -> None:
         self.repositories = repositories
         self.options = options or LoadOptions()
-        self.sink = sink
+        self.serving = serving or ServingFactory()
+        self.tracing = tracing  # load / unload spans when tracing is on
         self._models: dict[str, ModelRecord] = {}
         self._closing: set[asyncio.Task] = set()
         self._shut = False
@@ -227,13 +226,9 @@ class RepositoryManager:
 
     def _swap(self, record: ModelRecord, result: LoadResult, kept: dict[int, ModelVersion],
               stamps: dict[int, tuple | None], override: Path | None) -> None:
-        loop = asyncio.get_running_loop()
         fresh: dict[int, ModelVersion] = dict(kept)
         for version, loaded in result.loaded.items():
-            stats = ModelStats(record.name, version, sink=self.sink)
-            scheduler = Scheduler(result.config, stats, loop)
-            for iname, backend in loaded.backends:
-                scheduler.add_instance(Instance(iname, record.name, backend, loop, scheduler.on_done))
+            scheduler, stats = self.serving(record.name, version, result.config, loaded.backends)
             fresh[version] = ModelVersion(record.name, version, result.config, result.proto, scheduler, stats,
                                           stamp=stamps.get(version), override=override)
         old = record.serving

@@ -113,7 +113,7 @@ class RequestTrace:
     The queue and batch spans hang from ``span_id``."""
 
     __slots__ = ("emitter", "trace_id", "span_id", "trace_state", "parent_id", "parent_remote", "name",
-                 "kind", "attributes", "start_ns", "queued_ns")
+                 "kind", "attributes", "start_ns", "queued_ns", "stream")
 
     def __init__(self, emitter, ids: tuple, parent_id: int, parent_remote: bool, incoming: Incoming,
                  attributes: dict) -> None:
@@ -124,6 +124,7 @@ class RequestTrace:
         self.attributes = attributes
         self.start_ns = incoming.start_ns
         self.queued_ns = 0
+        self.stream = incoming.stream
 
     def child(self, name: str, attributes: dict | None, start: int, end: int, status=None) -> None:
         self.emitter.emit(name, _x.INTERNAL, self.trace_id, self.emitter.new_span_id(), self.trace_state,
@@ -297,18 +298,42 @@ class Tracing:
         parent_id = caller.span_id if caller is not None else 0
         return RequestTrace(self.emitter, ids, parent_id, caller is not None, incoming, attributes)
 
-    async def infer(self, call: Callable[[Any], Awaitable[Any]], request) -> Any:
-        """Run ``call(request)`` (the data plane's inference) inside the request's server span."""
+    def begin(self, request) -> Any:
+        """Open the request's server span: ``request.trace`` (an Incoming) becomes its RequestTrace, or
+        None when it is not traced. Returns the log-tag token to hand to ``end``."""
         incoming, request.trace = request.trace, None
         rt = self.start(incoming, request.model_name, request.id)
         if rt is None:
-            return await call(request)
+            return None
         request.trace = rt
-        token = _LOG_TAG.set(rt)
-        status, message = "OK", ""
+        return _LOG_TAG.set(rt)
+
+    def end(self, request, token: Any, status: str = "OK", message: str = "", version: str = "") -> None:
+        """Close the server span ``begin`` opened (when the request's final response is out)."""
+        rt: RequestTrace = request.trace
+        if token is not None:
+            try:
+                _LOG_TAG.reset(token)
+            except ValueError:  # ended in another context (a stream's final arrives from a callback)
+                pass
+        if version:
+            rt.attributes["model_version"] = version
+        elif status != "OK" and request.model_version:  # the version asked for, when none answered
+            rt.attributes["model_version"] = request.model_version
+        rt.finish(status, message)
+        stream = rt.stream
+        if stream is not None:
+            stream.responded(request.id, status)
+
+    async def infer(self, call: Callable[[Any], Awaitable[Any]], request) -> Any:
+        """Run ``call(request)`` (the data plane's unary inference) inside the request's server span."""
+        token = self.begin(request)
+        if request.trace is None:
+            return await call(request)
+        status, message, version = "OK", "", ""
         try:
             response = await call(request)
-            rt.attributes["model_version"] = response.model_version
+            version = response.model_version
             return response
         except ServingError as exc:
             status, message = exc.code.name, exc.message
@@ -320,12 +345,7 @@ class Tracing:
             status, message = "INTERNAL", f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            _LOG_TAG.reset(token)
-            if status != "OK" and request.model_version:  # the version asked for, when none answered
-                rt.attributes["model_version"] = request.model_version
-            rt.finish(status, message)
-            if incoming.stream is not None:
-                incoming.stream.responded(request.id, status)
+            self.end(request, token, status, message, version)
 
 
 # ---------------------------------------------------------------- scheduler: queue and batch spans
