@@ -38,7 +38,8 @@ class App:
         self.metrics = (Metrics(lambda: [mv.stats for mv in self.repository.ready_versions()])
                         if settings.allow_metrics else None)
         try:  # a folder holding one model (KServe's /mnt/models) is served via a generated repository
-            repositories = single.prepare(settings.model_repositories, settings.model_name)
+            repositories = single.prepare(settings.model_repositories, settings.model_name,
+                                          layout=settings.repository_layout)
         except ServingError as exc:
             raise SystemExit(f"inferd: {exc.message}") from None
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
