@@ -33,6 +33,7 @@ class DataPlane:
         self.started = False  # initial model loading finished
         self.draining = False
         self.tracing = Tracing()  # off; the app installs the configured one
+        self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
 
     # -- health and metadata -----------------------------------------------------------------
 
