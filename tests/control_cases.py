@@ -157,7 +157,8 @@ CONTROL_CASES: list[ControlCase] = [
     ControlCase("server-metadata", "server_metadata", expect=_server_metadata),
     # model metadata
     ControlCase("metadata", "model_metadata", {"model": "simple"}, expect=_SIMPLE_META),
-    ControlCase("metadata-version", "model_metadata", {"model": "simple", "version": "1"}, expect=_SIMPLE_META),
+    ControlCase("metadata-version", "model_metadata", {"model": "simple", "version": "1"},
+                expect=_SIMPLE_META),
     ControlCase("metadata-no-batching", "model_metadata", {"model": "identity_fixed"}, expect={
         "name": "identity_fixed", "versions": ["1"], "platform": "onnxruntime_onnx",
         "inputs": [("INPUT0", "FP32", [2, 3])], "outputs": [("OUTPUT0", "FP32", [2, 3])]}),
@@ -167,7 +168,8 @@ CONTROL_CASES: list[ControlCase] = [
     ControlCase("metadata-bf16", "model_metadata", {"model": "identity_bf16"}, expect={
         "name": "identity_bf16", "versions": ["1"], "platform": "onnxruntime_onnx",
         "inputs": [("INPUT0", "BF16", [-1, 4])], "outputs": [("OUTPUT0", "BF16", [-1, 4])]}),
-    ControlCase("metadata-unknown-model", "model_metadata", {"model": "nope"}, error="NOT_FOUND", says=("'nope'",)),
+    ControlCase("metadata-unknown-model", "model_metadata", {"model": "nope"},
+                error="NOT_FOUND", says=("'nope'",)),
     ControlCase("metadata-unknown-version", "model_metadata", {"model": "simple", "version": "3"},
                 error="NOT_FOUND", says=("'simple'", "version 3")),
     ControlCase("metadata-bad-version", "model_metadata", {"model": "simple", "version": "one"},
@@ -175,9 +177,11 @@ CONTROL_CASES: list[ControlCase] = [
     # model config
     ControlCase("config", "model_config", {"model": "dense"}, expect=_dense_config),
     ControlCase("config-version", "model_config", {"model": "dense", "version": "1"}, expect=_dense_config),
-    ControlCase("config-autocompleted", "model_config", {"model": "identity_bytes"}, expect=_autocompleted_config),
+    ControlCase("config-autocompleted", "model_config", {"model": "identity_bytes"},
+                expect=_autocompleted_config),
     ControlCase("config-scheduling", "model_config", {"model": "identity_fp32"}, expect=_fp32_config),
-    ControlCase("config-unknown-model", "model_config", {"model": "nope"}, error="NOT_FOUND", says=("'nope'",)),
+    ControlCase("config-unknown-model", "model_config", {"model": "nope"},
+                error="NOT_FOUND", says=("'nope'",)),
     ControlCase("config-unknown-version", "model_config", {"model": "dense", "version": "2"},
                 error="NOT_FOUND", says=("'dense'", "version 2")),
     # statistics

@@ -94,7 +94,10 @@ class TritonPythonModel:
 backend: "python"
 max_batch_size: 8
 input [ { name: "B" data_type: TYPE_STRING dims: [ 3 ] } ]
-output [ { name: "REVERSED" data_type: TYPE_STRING dims: [ 3 ] }, { name: "SIZE" data_type: TYPE_INT32 dims: [ 3 ] } ]
+output [
+  { name: "REVERSED" data_type: TYPE_STRING dims: [ 3 ] },
+  { name: "SIZE" data_type: TYPE_INT32 dims: [ 3 ] }
+]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 """, """
 import numpy as np
@@ -299,7 +302,7 @@ def test_bytes_that_are_not_utf8_reach_the_model_unchanged(client, python_server
     with httpclient.InferenceServerClient(python_server.http_url) as http:
         item = httpclient.InferInput("B", [2, 3], "BYTES")
         item.set_data_from_numpy(data, binary_data=True)
-        result = http.infer("bytes_reverse", [item],
-                            outputs=[httpclient.InferRequestedOutput(n, binary_data=True) for n in ("REVERSED", "SIZE")])
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ("REVERSED", "SIZE")]
+        result = http.infer("bytes_reverse", [item], outputs=outputs)
         assert result.as_numpy("REVERSED").tolist() == expected.tolist()
         assert result.as_numpy("SIZE").tolist() == sizes

@@ -112,7 +112,8 @@ def test_unknown_fields_in_every_value_form():
     config, warnings = pbtxt.parse_text("m", text)
     assert config.parameters["k"].string_value == "ab" and config.instance_group[0].count == 1
     assert [w.split("'")[1] for w in warnings] == ["z", "w", "q", "r", "s", "zz"]
-    assert pbtxt.unknown_fields(text, mc.ModelConfig.DESCRIPTOR)[-1] == ("zz", 5, "inference.ModelWarmup.Input")
+    last = pbtxt.unknown_fields(text, mc.ModelConfig.DESCRIPTOR)[-1]
+    assert last == ("zz", 5, "inference.ModelWarmup.Input")
 
 
 def test_a_config_of_100_unknown_fields_is_read_in_one_pass():

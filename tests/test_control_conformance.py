@@ -57,7 +57,8 @@ class Grpc(Transport):
         r = self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version))
         as_dicts = json_format.MessageToDict(r, preserving_proto_field_name=True)
         return {"name": r.name, "versions": list(r.versions), "platform": r.platform,
-                "inputs": _tensors(as_dicts.get("inputs", [])), "outputs": _tensors(as_dicts.get("outputs", []))}
+                "inputs": _tensors(as_dicts.get("inputs", [])),
+                "outputs": _tensors(as_dicts.get("outputs", []))}
 
     def model_config(self, model: str, version: str = "") -> dict:
         r = self._call("ModelConfig", pb.ModelConfigRequest(name=model, version=version))
@@ -67,7 +68,8 @@ class Grpc(Transport):
 
     def statistics(self, model: str = "", version: str = "") -> list[tuple]:
         r = self._call("ModelStatistics", pb.ModelStatisticsRequest(name=model, version=version))
-        return [(s.name, s.version, s.inference_count, s.inference_stats.success.count) for s in r.model_stats]
+        return [(s.name, s.version, s.inference_count, s.inference_stats.success.count)
+                for s in r.model_stats]
 
     def repository_index(self, ready: bool = False) -> list[tuple]:
         r = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready))
@@ -92,7 +94,8 @@ class Rest(Transport):
 
     def _json(self, answer):
         if answer.status != 200:
-            raise FailureRaised(Failure(ERROR_KIND.get(str(answer.status), f"HTTP {answer.status}"), answer.error))
+            kind = ERROR_KIND.get(str(answer.status), f"HTTP {answer.status}")
+            raise FailureRaised(Failure(kind, answer.error))
         assert answer.headers.get("content-type", "").startswith("application/json"), answer.headers
         return answer.json()
 

@@ -28,7 +28,8 @@ def _pins() -> dict[str, Requirement]:
     return {r.name: r for r in requirements if r.name.startswith("opentelemetry-")}
 
 
-@pytest.mark.parametrize("package", ["opentelemetry-sdk", _EXPORTER, "opentelemetry-exporter-otlp-proto-http"])
+@pytest.mark.parametrize("package",
+                         ["opentelemetry-sdk", _EXPORTER, "opentelemetry-exporter-otlp-proto-http"])
 def test_installed_sdk_is_the_pinned_one(package):
     pin = _pins()[package]
     installed = metadata.version(package)
@@ -53,7 +54,8 @@ def test_the_exporter_still_has_translate_data_and_calls_it():
             f"(was (self, data)); {_WHAT}")
     source = inspect.getsource(OTLPExporterMixin._export)
     assert "self._translate_data(data)" in source, (
-        f"{_EXPORTER} {version}: OTLPExporterMixin._export no longer calls self._translate_data(data); {_WHAT}")
+        f"{_EXPORTER} {version}: OTLPExporterMixin._export no longer calls "
+        f"self._translate_data(data); {_WHAT}")
 
 
 def test_the_override_is_what_an_export_sends():
