@@ -48,7 +48,7 @@ class DataPlane:
         self.strict_readiness = strict_readiness
         self.started = False  # initial model loading finished
         self.draining = False
-        self._ready_event = asyncio.Event()
+        self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -63,14 +63,6 @@ class DataPlane:
     def not_ready_reason(self) -> str:
         return ("it is shutting down" if self.draining else "models are still loading" if not self.started
                 else "not every model is ready")
-
-    def readiness_changed(self) -> None:
-        """Wake whoever waits in ``wait_readiness_change`` (health Watch)."""
-        event, self._ready_event = self._ready_event, asyncio.Event()
-        event.set()
-
-    async def wait_readiness_change(self) -> None:
-        await self._ready_event.wait()
 
     def metadata(self) -> dict:
         return {"name": "inferd", "version": __version__, "extensions": list(EXTENSIONS)}

@@ -19,8 +19,9 @@ from server.core.dtypes import NUMPY_DTYPES
 from server.core.errors import ErrorCode, ServingError
 from server.core.names import check_model_name
 from server.protos import model_config_pb2 as mc
+from server.telemetry.gpu import gpu_count
 
-from . import backends, layout
+from . import backends, layout, pbtxt
 from . import config as configs
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
     a version that fails is reported in ``failed`` and the others still load.
     """
     name = model_path.name
-    proto, warnings = configs.read(model_path, override_json)
+    proto, warnings = pbtxt.read(model_path, override_json)
     if proto.name and proto.name != name:
         raise ServingError(ErrorCode.FAILED_PRECONDITION,
                            f"model '{name}': config.pbtxt names the model '{proto.name}'; it must match the folder")
@@ -135,7 +136,7 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
         return LoadResult(proto=proto, config=None, warnings=warnings, selected=selected)
     if on_plan is not None:
         on_plan(to_load)
-    gpus = configs.gpu_count()
+    gpus = gpu_count()
     if options.auto_complete and callable(getattr(backend_cls, "complete_config", None)):
         _model_completes(proto, backend_cls, model_path, selected[0], available[selected[0]], options, gpus)
     if options.auto_complete and configs.needs_io(proto):

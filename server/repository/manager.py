@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.core import config as core
+from server.core.changes import Changes
 from server.core.errors import ErrorCode, ServingError, not_found, unavailable
 from server.protos import model_config_pb2 as mc
 from server.scheduling.batcher import Scheduler
@@ -77,6 +78,7 @@ class RepositoryManager:
         self._closing: set[asyncio.Task] = set()
         self._shut = False
         self._duplicates: dict[str, str] = {}
+        self.changes = Changes()  # what all_ready() reads changed (gRPC health follows it)
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class RepositoryManager:
         if reuse and not custom and printed is not None:
             keep = {v for v, mv in record.serving.items() if mv.stamp == (str(source), *printed.stamp(v))}
         record.wanted = True
+        self.changes.notify()
         first = not record.serving
         for v in [v for v, (state, _) in record.status.items() if state == LOADING]:
             del record.status[v]
@@ -233,6 +236,7 @@ class RepositoryManager:
                                           stamp=stamps.get(version), override=override)
         old = record.serving
         record.serving = fresh  # the one step that moves traffic
+        self.changes.notify()
         # versions still draining (or unloaded earlier) keep their rows; failures of this load replace theirs
         record.status = {v: s for v, s in record.status.items() if v not in fresh and s[0] != LOADING}
         record.status.update({v: (UNAVAILABLE, reason) for v, reason in result.failed.items()})
@@ -279,6 +283,7 @@ class RepositoryManager:
         async with record.lock:
             old, record.serving = record.serving, {}
             record.wanted, record.error, record.fingerprint = False, "", None
+            self.changes.notify()
             tasks = [self._retire(record, mv, reason) for mv in old.values()]
             if not old:
                 record.state, record.reason = UNAVAILABLE, reason
@@ -297,6 +302,7 @@ class RepositoryManager:
             old, record.serving = record.serving, {}
             for mv in old.values():
                 self._retire(record, mv, "server shut down")
+        self.changes.notify()
         await self.settle()
 
     # -- lookup ------------------------------------------------------------------------------

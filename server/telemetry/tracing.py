@@ -61,14 +61,35 @@ def _load() -> Any:
     return _x
 
 
-def _install_log_tag() -> None:
-    """Append the handled request's trace id to every log record made while it is handled."""
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "_inferd_trace", False):
-        return
+class _LogTag:
+    """Appends the handled request's trace id to every log record made while it is handled.
 
-    def factory(*args, **kwargs) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
+    A process-wide ``logging`` record factory: installed only while tracing is on (a pipeline was
+    built), by the first Tracing that turns on, and taken out again when the last one shuts down,
+    leaving whatever factory was there before.
+    """
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.previous: Callable[..., logging.LogRecord] | None = None
+
+    def acquire(self) -> None:
+        self.users += 1
+        if self.users == 1:
+            self.previous = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(self.factory)
+
+    def release(self) -> None:
+        if self.users == 0:
+            return
+        self.users -= 1
+        if self.users == 0 and self.previous is not None:
+            if logging.getLogRecordFactory() == self.factory:  # nobody installed one on top of ours
+                logging.setLogRecordFactory(self.previous)
+            self.previous = None
+
+    def factory(self, *args, **kwargs) -> logging.LogRecord:
+        record = (self.previous or logging.LogRecord)(*args, **kwargs)
         traced = _LOG_TAG.get()
         if traced is not None:  # formatted only when something is logged
             ids = [traced] if isinstance(traced, RequestTrace) else traced
@@ -80,8 +101,8 @@ def _install_log_tag() -> None:
             record.trace_id = tag  # for formatters that want it as a field
         return record
 
-    factory._inferd_trace = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(factory)
+
+_log_tag = _LogTag()
 
 
 # service and method are in the span name; every attribute is encoded and sent for every request
@@ -200,7 +221,7 @@ class Tracing:
         self.provider: Any = None
         self.emitter: Any = None
         self.on = False  # the hot-path check: some setting traces and the pipeline exists
-        _install_log_tag()
+        self._tagging = False  # this one holds the log tag (tracing.py's record factory)
         if self.settings.any_on():
             self._build()
         self.on = self.emitter is not None and self.settings.any_on()
@@ -220,6 +241,8 @@ class Tracing:
         # spans go out pre-encoded when the one exporter is inferd's OTLP/gRPC one (trace_export.py)
         fast = self.config.exporters == ["otlp"] and self.config.protocol == "grpc"
         self.emitter = _x.Emitter(self.provider, processors, __version__, fast=fast)
+        _log_tag.acquire()
+        self._tagging = True
         env = os.environ if self.env is None else self.env
         where = (self.config.url or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
                  or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4317")
@@ -234,6 +257,9 @@ class Tracing:
         self.on = False
         if self.provider is not None:
             self.provider.shutdown()
+        if self._tagging:
+            self._tagging = False
+            _log_tag.release()
 
     # -- the trace extension ----------------------------------------------------------------
 

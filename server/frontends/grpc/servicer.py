@@ -86,7 +86,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+        try:  # Triton: an unknown, unavailable or failed model is "not ready", not an error
+            return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+        except ServingError as exc:
+            if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAVAILABLE):
+                raise
+            return pb.ModelReadyResponse(ready=False)
 
     @rpc
     async def ModelMetadata(self, request, context):
