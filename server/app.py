@@ -18,6 +18,7 @@ from server.repository import single
 from server.repository.loader import LoadOptions
 from server.repository.manager import RepositoryManager
 from server.repository.poller import RepositoryPoller
+from server.security import Security
 from server.settings import Settings
 from server.telemetry.metrics import Metrics, MetricsServer
 from server.telemetry.tracing import Tracing
@@ -39,6 +40,11 @@ class App:
             raise SystemExit(f"inferd: {exc.message}") from None
         self.repository = RepositoryManager(repositories, options, sink=self.metrics)
         self.metrics_server: MetricsServer | None = None
+        try:  # TLS files, key file and restriction rules are checked here, before any port opens
+            self.security = Security(settings, self.metrics.rejected if self.metrics else None)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"inferd: {exc}") from None
+        log.info("%s", self.security.summary())
         self.dataplane = DataPlane(self.repository, settings.model_control_mode, settings.strict_readiness)
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
         self.tracing = self.dataplane.tracing = self.repository.tracing = Tracing.from_flags(settings.trace_config)
@@ -51,13 +57,15 @@ class App:
     async def start(self) -> None:
         s = self.settings
         if self.metrics is not None:
-            self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port)
+            self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port, self.security)
             await self.metrics_server.start()
         if s.allow_grpc:
-            self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes)
+            self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes,
+                                     self.security)
             await self.grpc.start()
         if s.allow_http:  # same loop, same data plane; answers probes (not ready) while models load
-            self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes)
+            self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes,
+                                     self.security)
             await self.http.start()
         await self._initial_load()
         if s.model_control_mode == "poll":
