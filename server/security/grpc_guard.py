@@ -143,6 +143,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             s.rejected("restricted", tenant or "anonymous")
             return _refusal(handler, grpc.StatusCode.UNAVAILABLE,
                             f"This protocol is restricted, expecting header '{header}'")
-        if group == "health" or not s.quotas_on:
+        model_infer = method == _MODEL_INFER  # a model's own limit (config parameter) applies too
+        if group == "health" or not (s.quotas.per_caller or model_infer):
             return handler
-        return _wrap(handler, _Admitted(s, self.dataplane, tenant, method == _MODEL_INFER))
+        return _wrap(handler, _Admitted(s, self.dataplane, tenant, model_infer))

@@ -43,7 +43,7 @@ def guard_rest(handle: Handler, security: Security, dataplane) -> Handler:
         if header is not None:
             s.rejected("restricted", tenant or ANONYMOUS)
             return _error(403, f"This API is restricted, expecting header '{header}'")
-        if group is None or not s.quotas_on:  # an unknown path is the router's 404
+        if group is None or not (s.quotas.per_caller or model is not None):  # unknown path: the router's 404
             return await handle(request)
         caller = Caller(tenant, request.remote or "unknown")
         if model is not None:
