@@ -54,7 +54,7 @@ _HTTP_PATHS = [
         (r"/v2/logging", "logging"),
         (r"/v2/(?:system|cuda)sharedmemory(?:/.*)?", "shared-memory"),
         (r"/v2/repository(?:/.*)?", "model-repository"),
-        (r"/v2/?|/v2/models/?|" + _MODEL, "metadata"),
+        (r"(?:/v2/?|/v2/models/?|" + _MODEL + ")", "metadata"),
         (r"/v1/.*", "inference"),  # OpenAI-compatible routes, as Triton's OpenAI frontend groups them
     )
 ]

@@ -216,3 +216,26 @@ def _try(fn):
         return "ok"
     except InferenceServerException as exc:
         return f"{exc.status()} {exc.message()}"
+
+
+def test_stream_counts_as_one_call_in_flight(tmp_path, start_server):
+    proc = start_server([repository(tmp_path / "repo")], _keys(tmp_path), "--tenant-max-concurrent=1")
+    results: list = []
+    client = grpcclient.InferenceServerClient(proc.grpc_url)
+    client.start_stream(callback=lambda result, error: results.append((result, error)),
+                        headers={"authorization": f"Bearer {ALICE}"})
+    for _ in range(3):  # requests inside the stream are not separate calls
+        client.async_stream_infer("simple", simple_inputs())
+    deadline = time.monotonic() + 10
+    while len(results) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [error for _, error in results] == [None, None, None]
+    other = grpcclient.InferenceServerClient(proc.grpc_url)
+    with pytest.raises(InferenceServerException) as err:  # the open stream holds alice's one slot
+        other.infer("simple", simple_inputs(), headers={"authorization": f"Bearer {ALICE}"})
+    assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    client.stop_stream()
+    time.sleep(0.3)
+    assert other.infer("simple", simple_inputs(), headers={"authorization": f"Bearer {ALICE}"})
+    other.close()
+    client.close()
