@@ -80,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", "--model-store", dest="model_repositories", action="append",
                    type=Path, metavar="DIR", help="model repository folder (repeatable)")
     p.add_argument("--host", "--grpc-address", dest="host", default="0.0.0.0",
-                   help="address to listen on (default 0.0.0.0)")
+                   help="address all three ports bind (default 0.0.0.0: every interface, as a container "
+                        "needs; docs/security.md says what each port exposes)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
