@@ -66,8 +66,8 @@ def main() -> None:
                 if r.errors:
                     raise SystemExit(f"{name}: {r.errors} errors, first: {r.first_error}")
                 results[name].append((r, cpu_us))
-                print(f"{name:13s} {r.throughput:8.0f} req/s  p50 {r.pct(50):6.2f} ms  p99 {r.pct(99):6.2f} ms"
-                      f"  server CPU {cpu_us:5.0f} us/request", flush=True)
+                print(f"{name:13s} {r.throughput:8.0f} req/s  p50 {r.pct(50):6.2f} ms  "
+                      f"p99 {r.pct(99):6.2f} ms  server CPU {cpu_us:5.0f} us/request", flush=True)
     for name, runs in results.items():
         print(f"{name:13s} best {max(r.throughput for r, _ in runs):8.0f} req/s, "
               f"least server CPU {min(c for _, c in runs):5.0f} us/request")

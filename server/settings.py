@@ -152,7 +152,8 @@ def _check_security(p: argparse.ArgumentParser, settings: Settings) -> None:
         for name in ("server_cert", "server_key", "root_cert"):
             if not getattr(settings, f"{port}_{name}"):
                 setattr(settings, f"{port}_{name}", getattr(settings, f"http_{name}"))
-    for name in ("tenant_request_rate", "tenant_request_burst", "tenant_max_concurrent", "model_max_inflight"):
+    for name in ("tenant_request_rate", "tenant_request_burst", "tenant_max_concurrent",
+                 "model_max_inflight"):
         if getattr(settings, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     from server.security.access import parse_rules  # the syntax errors at start, with Triton's words

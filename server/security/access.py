@@ -94,7 +94,8 @@ def parse_rules(items: list[str], flag: str) -> list[Rule]:
             if group not in GROUPS:
                 raise ValueError(f"unknown restricted {kind} '{group}' (groups: {', '.join(GROUPS)})")
             if group in taken:
-                raise ValueError(f"restricted {kind} '{group}' can not be specified in multiple config groups")
+                raise ValueError(
+                    f"restricted {kind} '{group}' can not be specified in multiple config groups")
             taken.add(group)
         rules.append(Rule(frozenset(groups), key.lower(), value.encode()))
     return rules

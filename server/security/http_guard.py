@@ -33,17 +33,18 @@ def guard_rest(handle: Handler, security: Security, dataplane) -> Handler:
 
     async def guarded(request: web.BaseRequest) -> web.StreamResponse:
         group, model = http_category(request.raw_path.partition("?")[0])
-        if group == "health":
-            return await handle(request)
-        allowed, tenant = s.authenticate(request.headers.get("Authorization"))
-        if not allowed:
-            s.rejected("unauthenticated", ANONYMOUS)
-            return _unauthorized()
+        tenant = None
+        if group != "health":  # probes need no key (a health restriction still applies, below)
+            allowed, tenant = s.authenticate(request.headers.get("Authorization"))
+            if not allowed:
+                s.rejected("unauthenticated", ANONYMOUS)
+                return _unauthorized()
         header = s.http_rules.denied(group, request.headers.get)
         if header is not None:
             s.rejected("restricted", tenant or ANONYMOUS)
             return _error(403, f"This API is restricted, expecting header '{header}'")
-        if group is None or not (s.quotas.per_caller or model is not None):  # unknown path: the router's 404
+        # an unknown path is the router's 404; health takes no quota
+        if group is None or group == "health" or not (s.quotas.per_caller or model is not None):
             return await handle(request)
         caller = Caller(tenant, request.remote or "unknown")
         if model is not None:

@@ -102,7 +102,8 @@ class ApiKeys:
             return
         self._file = entries
         self._entries = self._env + entries
-        log.info("API key file reloaded: %d keys for tenants %s", len(self._entries), ", ".join(self.tenants()))
+        log.info("API key file reloaded: %d keys for tenants %s", len(self._entries),
+                 ", ".join(self.tenants()))
 
     def tenant(self, authorization: str | None) -> str | None:
         self._maybe_reload()

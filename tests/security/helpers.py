@@ -51,12 +51,6 @@ def simple_inputs(module=grpcclient):
     return [a, b]
 
 
-def slow_inputs(delay_ms: float, module=grpcclient):
-    d = module.InferInput("DELAY_MS", [1], "FP32")
-    d.set_data_from_numpy(np.array([delay_ms], dtype=np.float32))
-    return [d]
-
-
 def wait_ready_https(proc, ca: Path, cert: tuple[Path, Path] | None = None, timeout: float = 60.0) -> None:
     """The harness waits over plaintext gRPC; a TLS server is waited for over its REST port."""
     ctx = ssl.create_default_context(cafile=str(ca))

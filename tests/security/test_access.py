@@ -90,7 +90,8 @@ def test_rest_api_keys(keyed):
     assert headers["WWW-Authenticate"].startswith("Bearer")
     assert json.loads(body) == {"error": "missing or invalid API key: send the header "
                                          "'Authorization: Bearer <key>'"}
-    assert _request(proc, "GET", "/v2/models/simple", {"Authorization": "Bearer nope-nope-nope-nope"})[0] == 401
+    wrong = {"Authorization": "Bearer nope-nope-nope-nope"}
+    assert _request(proc, "GET", "/v2/models/simple", wrong)[0] == 401
     assert _request(proc, "GET", "/v2/models/simple", {"Authorization": f"Bearer {BOB}"})[0] == 200
     # an inference request without a key is refused before its body is read
     status, _, _ = _request(proc, "POST", "/v2/models/simple/infer", body=b"{" * 1000)
@@ -128,12 +129,14 @@ def test_key_file_reload_and_no_key_in_logs(keyed):
 def test_metrics_port_can_require_a_key(tmp_path, start_server):
     keys = tmp_path / "keys.txt"
     keys.write_text(f"prometheus:{ALICE}\n")
-    proc = start_server([repository(tmp_path / "repo")], f"--api-key-file={keys}", "--metrics-require-api-key")
+    proc = start_server([repository(tmp_path / "repo")], f"--api-key-file={keys}",
+                        "--metrics-require-api-key")
     status, headers, _ = _request(proc, "GET", "/metrics", port=proc.metrics_port)
     assert status == 401 and "Bearer" in headers["WWW-Authenticate"]
     status, _, body = _request(proc, "GET", "/metrics", {"Authorization": f"Bearer {ALICE}"},
                                port=proc.metrics_port)
-    assert status == 200 and b'inferd_rejected_requests_total{reason="unauthenticated",tenant="anonymous"} 1.0' in body
+    assert status == 200
+    assert b'inferd_rejected_requests_total{reason="unauthenticated",tenant="anonymous"} 1.0' in body
 
 
 @pytest.mark.parametrize("text, message", [
@@ -178,7 +181,8 @@ def test_grpc_restricted_protocol(restricted):
     with pytest.raises(InferenceServerException) as err:
         client.get_inference_statistics("simple")
     assert "expecting header 'triton-grpc-protocol-stats-key'" in err.value.message()
-    stats = client.get_inference_statistics("simple", headers={"triton-grpc-protocol-stats-key": "stats-value"})
+    stats = client.get_inference_statistics("simple",
+                                            headers={"triton-grpc-protocol-stats-key": "stats-value"})
     assert stats.model_stats[0].name == "simple"
     # groups not listed stay open
     assert client.infer("simple", simple_inputs()).as_numpy("OUTPUT0")[0, 0] == 1
@@ -195,7 +199,8 @@ def test_grpc_restricted_stream_refused_before_reading(tmp_path, start_server):
             list(stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="simple")]), timeout=10))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert err.value.details() == "This protocol is restricted, expecting header 'triton-grpc-protocol-k'"
-        replies = list(stub.ModelStreamInfer(iter([]), metadata=(("triton-grpc-protocol-k", "v"),), timeout=10))
+        metadata = (("triton-grpc-protocol-k", "v"),)
+        replies = list(stub.ModelStreamInfer(iter([]), metadata=metadata, timeout=10))
         assert replies == []
 
 
@@ -205,7 +210,8 @@ def test_http_restricted_api(restricted):
     for method, path in (("POST", "/v2/repository/index"), ("GET", "/v2/trace/setting"),
                          ("POST", "/v2/trace/setting"), ("GET", "/v2/models/simple/trace/setting"),
                          ("GET", "/v2/logging"), ("POST", "/v2/repository/models/simple/load")):
-        status, _, body = _request(proc, method, path, body=b'{"trace_rate": "1"}' if method == "POST" else None)
+        body = b'{"trace_rate": "1"}' if method == "POST" else None
+        status, _, body = _request(proc, method, path, body=body)
         assert (status, json.loads(body)) == (403, expected), path
         status, _, _ = _request(proc, method, path, {"admin-key": "wrong"})
         assert status == 403
@@ -245,3 +251,16 @@ def test_group_in_two_rules_is_refused(tmp_path, start_server):
                         "--http-restricted-api=trace,logging:b=2", wait_ready=False)
     assert wait_exit(proc) != 0
     assert re.search(r"restricted api 'trace' can not be specified in multiple config groups", proc.log())
+
+
+def test_health_can_be_restricted_and_needs_no_key(tmp_path, start_server):
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"alice:{ALICE}\n")
+    proc = start_server([repository(tmp_path / "repo")], f"--api-key-file={keys}",
+                        "--http-restricted-api=health:probe-token=kubelet")
+    status, _, body = _request(proc, "GET", "/v2/health/ready")
+    expected = {"error": "This API is restricted, expecting header 'probe-token'"}
+    assert (status, json.loads(body)) == (403, expected)
+    assert _request(proc, "GET", "/v2/health/ready", {"probe-token": "kubelet"})[0] == 200  # no key needed
+    assert _request(proc, "GET", "/v2/models/simple/ready", {"probe-token": "kubelet"})[0] == 200
+    assert _request(proc, "GET", "/v2/models/simple", {"probe-token": "kubelet"})[0] == 401

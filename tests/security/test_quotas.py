@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from server.protos import grpc_service_pb2 as pb
 from server.protos import grpc_service_pb2_grpc as pb_grpc
-from tests.security.helpers import repository, simple_inputs, slow_inputs
+from tests.security.helpers import repository, simple_inputs
 
 ALICE = "alice-0123456789abcdef-secret"
 BOB = "bob-fedcba9876543210-secret"
@@ -142,7 +142,8 @@ def _in_background(fn):
 
 
 def test_concurrency_limit_per_tenant(tmp_path, start_server):
-    proc = start_server([repository(tmp_path / "repo", slow="")], _keys(tmp_path), "--tenant-max-concurrent=1")
+    proc = start_server([repository(tmp_path / "repo", slow="")], _keys(tmp_path),
+                        "--tenant-max-concurrent=1")
     with grpc.insecure_channel(proc.grpc_url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         thread, box = _in_background(lambda: _infer(stub, _slow_request(2500), ALICE))

@@ -55,7 +55,8 @@ def test_rules():
     assert r.denied("trace", headers.get) is None  # the value may itself hold '='
     assert r.denied("logging", headers.get) == "other"
     assert r.denied("inference", headers.get) is None
-    assert Restrictions(rules, "triton-grpc-protocol-").denied("trace", {}.get) == "triton-grpc-protocol-admin-key"
+    grpc_rules = Restrictions(rules, "triton-grpc-protocol-")
+    assert grpc_rules.denied("trace", {}.get) == "triton-grpc-protocol-admin-key"
     with pytest.raises(ValueError, match="not a valid header name"):
         parse_rules(["trace:bad key=1"], "--http-restricted-api")
 

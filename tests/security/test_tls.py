@@ -13,7 +13,6 @@ import time
 
 import gevent.ssl
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -101,9 +100,9 @@ def test_mutual_tls(tmp_path, start_server, pki):
     _check_simple(client.infer("simple", simple_inputs()))
     client.close()
     # no client certificate: the handshake fails
+    anonymous = grpcclient.InferenceServerClient(proc.grpc_url, ssl=True, root_certificates=str(ca.path))
     with pytest.raises(InferenceServerException) as err:
-        grpcclient.InferenceServerClient(proc.grpc_url, ssl=True, root_certificates=str(ca.path)).is_server_live(
-            client_timeout=5)
+        anonymous.is_server_live(client_timeout=5)
     assert "UNAVAILABLE" in str(err.value) or "Deadline" in str(err.value)
     # a certificate from another CA is not accepted either
     stranger = Ca.make(tmp_path / "other", "other CA").issue(tmp_path / "other", "mallory", server=False)

@@ -125,7 +125,8 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 
 
 class HttpFrontend:
-    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int, security=None) -> None:
+    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int,
+                 security=None) -> None:
         self.dataplane = dataplane
         self.host = host
         self.port = port
