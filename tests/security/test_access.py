@@ -264,3 +264,21 @@ def test_health_can_be_restricted_and_needs_no_key(tmp_path, start_server):
     assert _request(proc, "GET", "/v2/health/ready", {"probe-token": "kubelet"})[0] == 200  # no key needed
     assert _request(proc, "GET", "/v2/models/simple/ready", {"probe-token": "kubelet"})[0] == 200
     assert _request(proc, "GET", "/v2/models/simple", {"probe-token": "kubelet"})[0] == 401
+
+
+def test_refused_before_the_body_is_sent(keyed):
+    """A 1 GB upload without a key is answered from its headers alone, while its body is not sent."""
+    import socket
+
+    proc, _ = keyed
+    with socket.create_connection(("127.0.0.1", proc.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n" + b"{" * 1000)
+        started = time.monotonic()
+        reply = b""
+        while b"API key" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert time.monotonic() - started < 5
+    assert reply.startswith(b"HTTP/1.1 401 ")
