@@ -101,3 +101,32 @@ def test_caller_table_is_bounded(monkeypatch):
     for i in range(1000):
         q.admit(f"address:{i}", "x", now=float(i))
     assert len(q.buckets) <= 100
+
+
+def test_security_flags_parse_as_triton_writes_them(tmp_path):
+    from server.settings import from_args
+
+    s = from_args(["--model-repository", str(tmp_path), "--grpc-use-ssl=true", "--grpc-server-cert=c.pem",
+                   "--grpc-server-key=k.pem", "--grpc-use-ssl-mutual", "--http-use-ssl",
+                   "--http-server-cert=h.pem", "--http-server-key=hk.pem", "--http-root-cert=ca.pem", "--metrics-use-ssl=1",
+                   "--grpc-restricted-protocol=model-repository:admin=x", "--tenant-request-rate=2.5"])
+    assert s.grpc_use_ssl and s.grpc_use_ssl_mutual and s.http_use_ssl and s.metrics_use_ssl
+    assert not s.http_use_ssl_mutual
+    # the metrics port reuses the REST files unless given its own
+    assert (s.metrics_server_cert, s.metrics_server_key, s.metrics_root_cert) == ("h.pem", "hk.pem", "ca.pem")
+    assert s.grpc_restricted_protocol == ["model-repository:admin=x"] and s.tenant_request_rate == 2.5
+    plain = from_args(["--model-repository", str(tmp_path), "--grpc-use-ssl=false"])
+    assert not plain.grpc_use_ssl and plain.api_key_file == "" and plain.model_max_inflight == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tenant-max-concurrent=-1"], "--tenant-max-concurrent must be >= 0"),
+    (["--grpc-restricted-protocol=nope:a=b"], "unknown restricted protocol 'nope'"),
+    (["--grpc-use-ssl=maybe"], "expected a boolean"),
+])
+def test_bad_security_flags(tmp_path, capsys, argv, message):
+    from server.settings import from_args
+
+    with pytest.raises(SystemExit):
+        from_args(["--model-repository", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
