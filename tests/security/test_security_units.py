@@ -108,7 +108,8 @@ def test_security_flags_parse_as_triton_writes_them(tmp_path):
 
     s = from_args(["--model-repository", str(tmp_path), "--grpc-use-ssl=true", "--grpc-server-cert=c.pem",
                    "--grpc-server-key=k.pem", "--grpc-use-ssl-mutual", "--http-use-ssl",
-                   "--http-server-cert=h.pem", "--http-server-key=hk.pem", "--http-root-cert=ca.pem", "--metrics-use-ssl=1",
+                   "--http-server-cert=h.pem", "--http-server-key=hk.pem", "--http-root-cert=ca.pem",
+                   "--metrics-use-ssl=1",
                    "--grpc-restricted-protocol=model-repository:admin=x", "--tenant-request-rate=2.5"])
     assert s.grpc_use_ssl and s.grpc_use_ssl_mutual and s.http_use_ssl and s.metrics_use_ssl
     assert not s.http_use_ssl_mutual
