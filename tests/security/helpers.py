@@ -15,11 +15,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SLOW_PY = """
 import time
+from pathlib import Path
 
 
 class TritonPythonModel:
+    def initialize(self, config):
+        self.started = Path(config["model_repository"]) / "started.log"
+
     def execute(self, inputs):
         delay = inputs["DELAY_MS"]
+        with self.started.open("a") as f:  # the tests wait for this line: the request is running
+            f.write("1\\n")
         time.sleep(float(delay.max()) / 1000.0)
         return {"OUT": delay}
 """
@@ -49,6 +55,17 @@ def simple_inputs(module=grpcclient):
     b = module.InferInput("INPUT1", [1, 16], "INT32")
     b.set_data_from_numpy(np.ones((1, 16), dtype=np.int32))
     return [a, b]
+
+
+def wait_started(repo: Path, count: int, timeout: float = 20.0) -> None:
+    """Until the slow model has started ``count`` requests in total."""
+    log = repo / "slow" / "started.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().split()) >= count:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"the slow model did not start {count} requests")
 
 
 def wait_ready_https(proc, ca: Path, cert: tuple[Path, Path] | None = None, timeout: float = 60.0) -> None:

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from server.protos import grpc_service_pb2 as pb
 from server.protos import grpc_service_pb2_grpc as pb_grpc
-from tests.security.helpers import repository, simple_inputs
+from tests.security.helpers import repository, simple_inputs, wait_started
 
 ALICE = "alice-0123456789abcdef-secret"
 BOB = "bob-fedcba9876543210-secret"
@@ -142,12 +142,12 @@ def _in_background(fn):
 
 
 def test_concurrency_limit_per_tenant(tmp_path, start_server):
-    proc = start_server([repository(tmp_path / "repo", slow="")], _keys(tmp_path),
-                        "--tenant-max-concurrent=1")
+    repo = repository(tmp_path / "repo", slow="")
+    proc = start_server([repo], _keys(tmp_path), "--tenant-max-concurrent=1")
     with grpc.insecure_channel(proc.grpc_url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        thread, box = _in_background(lambda: _infer(stub, _slow_request(2500), ALICE))
-        time.sleep(0.8)  # the slow request is admitted and running
+        thread, box = _in_background(lambda: _infer(stub, _slow_request(4000), ALICE))
+        wait_started(repo, 1)  # the slow request is admitted and running
         code, details, trailer = _infer(stub, _simple_request(), ALICE)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == "tenant 'alice' already has 1 requests in flight, the most allowed"
@@ -163,11 +163,12 @@ def test_concurrency_limit_per_tenant(tmp_path, start_server):
 
 def test_per_model_inflight_limit(tmp_path, start_server):
     slow = 'parameters { key: "inferd_max_inflight_requests" value: { string_value: "2" } }\n'
-    proc = start_server([repository(tmp_path / "repo", slow=slow)], "--model-max-inflight=50")
+    repo = repository(tmp_path / "repo", slow=slow)
+    proc = start_server([repo], "--model-max-inflight=50")
     with grpc.insecure_channel(proc.grpc_url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        running = [_in_background(lambda: _infer(stub, _slow_request(2500))) for _ in range(2)]
-        time.sleep(0.8)
+        running = [_in_background(lambda: _infer(stub, _slow_request(4000))) for _ in range(2)]
+        wait_started(repo, 2)
         code, details, trailer = _infer(stub, _slow_request(10))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == "model 'slow' already has 2 requests queued or running, the most allowed"
