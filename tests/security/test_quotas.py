@@ -93,7 +93,7 @@ def test_rate_limit_per_tenant(tmp_path, start_server):
         code, details, trailer = _infer(stub, _simple_request(), ALICE)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == "tenant 'alice' exceeds its request rate of 0.2/s"
-        assert 3000 < int(trailer["grpc-retry-pushback-ms"]) <= 5000
+        assert 0 < int(trailer["grpc-retry-pushback-ms"]) <= 5000  # the time to the next token
         # another tenant has its own bucket; health is never limited
         assert _infer(stub, _simple_request(), BOB)[0] == grpc.StatusCode.OK
         assert stub.ServerReady(pb.ServerReadyRequest()).ready
@@ -101,7 +101,7 @@ def test_rate_limit_per_tenant(tmp_path, start_server):
     status, headers, body = _rest(proc, "/v2/models/simple/infer", SIMPLE_JSON, ALICE)
     assert status == 429
     assert json.loads(body) == {"error": "tenant 'alice' exceeds its request rate of 0.2/s"}
-    assert 3 <= int(headers["Retry-After"]) <= 5 and 3000 < int(headers["retry-after-ms"]) <= 5000
+    assert 1 <= int(headers["Retry-After"]) <= 5 and 0 < int(headers["retry-after-ms"]) <= 5000
     assert _rest(proc, "/v2/models/simple/infer", SIMPLE_JSON, BOB)[0] == 200
     # refused before the body is read: a malformed body still gets 429, not 400
     assert _rest(proc, "/v2/models/simple/infer", b"{not json", ALICE)[0] == 429
