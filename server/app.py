@@ -21,6 +21,8 @@ from server.repository.poller import RepositoryPoller
 from server.scheduling.serving import ServingFactory
 from server.services import LocalServices
 from server.settings import Settings
+from server.telemetry.canary_metrics import CanaryCollector
+from server.telemetry.cost import CostBook
 from server.telemetry.metrics import Metrics, MetricsServer
 from server.telemetry.tracing import Tracing
 
@@ -44,7 +46,12 @@ class App:
             raise SystemExit(f"inferd: {exc.message}") from None
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
         self.tracing = Tracing.from_flags(settings.trace_config)
-        self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics), self.tracing)
+        self.costs = CostBook()  # cost per request, per model, version and caller (docs/cost.md)
+        self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics, self.costs),
+                                            self.tracing)
+        if self.metrics is not None:
+            self.metrics.registry.register(self.costs)
+            self.metrics.registry.register(CanaryCollector(self.repository.canary_rows))
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
                                    settings.strict_readiness)

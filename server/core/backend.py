@@ -122,6 +122,12 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError  # the instance uses the tensor path unless a backend overrides this
 
+    def memory_bytes(self) -> int | None:
+        """Bytes of (device) memory this instance holds, where the framework can say (called per
+        batch from the instance thread, so it must be cheap); None: the server uses the growth of
+        its process's RSS measured while the instance loaded (docs/cost.md)."""
+        return None
+
     def warmup(self) -> None:
         """Backend-specific warm-up beyond the config's model_warmup samples (optional)."""
 

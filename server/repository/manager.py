@@ -11,6 +11,7 @@ keeps serving as it is instead of being loaded a second time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from server.scheduling.serving import ServingFactory
 from server.telemetry.stats import ModelStats
 from server.telemetry.tracing import Tracing, model_span
 
-from . import layout
+from . import canary_spec, layout
+from .canary import Routing
 from .fingerprint import ModelPrint, model_print
 from .loader import LoadOptions, LoadResult, load_model, remove_override, write_override
 
@@ -61,6 +63,8 @@ class ModelRecord:
     wanted: bool = False  # asked to serve (start, poll or API) and not unloaded since
     fingerprint: ModelPrint | None = None  # the folder as of the latest load attempt (for polling)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    routing: Routing | None = None  # canary routing (server/repository/canary.py); None: never had one
+    policy: list[int] = field(default_factory=list)  # what the version policy selected at the latest load
 
 
 def _reasons(failed: dict[int, str]) -> str:
@@ -118,7 +122,8 @@ class RepositoryManager:
 
     @model_span("load")
     async def load(self, name: str, config_override: str | None = None, files: dict[str, bytes] | None = None,
-                   *, reuse: bool = False, seen: ModelPrint | None = None) -> None:
+                   *, reuse: bool = False, seen: ModelPrint | None = None,
+                   canary: tuple[dict[str, str], set[str]] | None = None) -> None:
         """(Re)load a model; the current versions serve until the new ones are ready.
 
         ``files`` (inline ``file:`` contents) replace the model folder for this load; ``reuse``
@@ -142,14 +147,15 @@ class RepositoryManager:
             if files:
                 override = await asyncio.to_thread(write_override, name, files)
             try:
-                await self._load_locked(record, override or path, config_override, override, reuse, seen)
+                await self._load_locked(record, override or path, config_override, override, reuse, seen, canary)
             except BaseException:
                 if override is not None and not any(mv.override == override for mv in record.serving.values()):
                     remove_override(override)
                 raise
 
     async def _load_locked(self, record: ModelRecord, source: Path, config_override: str | None,
-                           override: Path | None, reuse: bool, seen: ModelPrint | None) -> None:
+                           override: Path | None, reuse: bool, seen: ModelPrint | None,
+                           canary: tuple[dict[str, str], set[str]] | None = None) -> None:
         name = record.name
         printed = seen if seen is not None and override is None else await asyncio.to_thread(model_print, source)
         if override is None:
@@ -171,7 +177,8 @@ class RepositoryManager:
             loop.call_soon_threadsafe(self._mark_loading, record, versions)
 
         try:
-            result = await self._run(load_model, source, self.options, config_override, None, keep, planned)
+            plan = self._canary_plan(record, canary)
+            result = await self._run(load_model, source, self.options, config_override, None, keep, planned, plan)
         except ServingError as exc:
             self._load_failed(record, exc.message)
             raise
@@ -200,11 +207,13 @@ class RepositoryManager:
         if not first and not result.loaded and set(kept) == set(record.serving):
             record.error = ""
             log.info("model '%s' unchanged: versions %s keep serving", name, sorted(kept))
+            self._canary_apply(record, plan, canary)
             return
         stamps = {v: None if custom or printed is None else (str(source), *printed.stamp(v)) for v in result.loaded}
         self._swap(record, result, kept, stamps, override)
         if not record.serving:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"failed to load '{name}': {_reasons(result.failed)}")
+        self._canary_apply(record, plan, canary)
 
     async def _run(self, fn, *args) -> LoadResult:
         """Run a load in a thread; if the caller is cancelled meanwhile, free what it produced."""
@@ -231,7 +240,7 @@ class RepositoryManager:
               stamps: dict[int, tuple | None], override: Path | None) -> None:
         fresh: dict[int, ModelVersion] = dict(kept)
         for version, loaded in result.loaded.items():
-            scheduler, stats = self.serving(record.name, version, result.config, loaded.backends)
+            scheduler, stats = self.serving(record.name, version, result.config, loaded.backends, loaded.memory)
             fresh[version] = ModelVersion(record.name, version, result.config, result.proto, scheduler, stats,
                                           stamp=stamps.get(version), override=override)
         old = record.serving
@@ -299,11 +308,106 @@ class RepositoryManager:
         """Refuse further loads, retire everything, and wait for the drains."""
         self._shut = True
         for record in self._models.values():
+            if record.routing is not None:
+                record.routing.close()
             old, record.serving = record.serving, {}
             for mv in old.values():
                 self._retire(record, mv, "server shut down")
         self.changes.notify()
         await self.settle()
+
+    # -- canary (server/repository/canary.py decides; these wire it to loads and versions) -----
+
+    def _routing(self, record: ModelRecord) -> Routing:
+        if record.routing is None:
+            loop = asyncio.get_running_loop()
+            record.routing = Routing(record.name, loop.call_later,
+                                     lambda v: loop.create_task(self._release(record, v)))
+        return record.routing
+
+    def _canary_plan(self, record: ModelRecord, canary: tuple[dict[str, str], set[str]] | None) -> dict:
+        """The loader's hook (run in its thread): parse the canary settings of the configuration it
+        read plus the operator's, and add the versions the canary needs to what the policy selects."""
+        routing = record.routing if record.routing is not None or canary is None else self._routing(record)
+        overlay = {**(routing.overlay if routing else {}), **(canary[0] if canary else {})}
+        plan: dict = {"overlay": overlay}
+
+        def extend(proto: mc.ModelConfig, available: list[int], selected: list[int]) -> list[int]:
+            settings = {**canary_spec.config_settings(proto.parameters), **overlay}
+            spec = canary_spec.parse(settings, record.name)
+            plan.update(spec=spec, policy=list(selected))
+            if spec is not None and spec.candidate not in available:
+                raise ServingError(ErrorCode.FAILED_PRECONDITION, f"model '{record.name}': canary version "
+                                   f"{spec.candidate} has no version folder (versions: {available})")
+            if routing is None and spec is None:
+                return selected
+            extra = (routing or Routing(record.name, lambda *_: None, lambda _: None)).required(
+                spec, selected, available)
+            return sorted(set(selected) | extra, reverse=True)
+
+        plan["extend"] = extend
+        return plan
+
+    def _canary_apply(self, record: ModelRecord, plan: dict, canary: tuple[dict[str, str], set[str]] | None) -> None:
+        """After a load: the routing takes the new settings and watches the serving versions."""
+        if "policy" in plan:
+            record.policy = plan["policy"]
+        spec = plan.get("spec")
+        if record.routing is None and spec is None:
+            return
+        routing = self._routing(record)
+        actions = canary[1] if canary else set()
+        try:
+            routing.configure(spec, record.serving, record.policy, actions, operator=bool(canary and canary[0]))
+        finally:
+            self._watch(record)
+        routing.overlay = plan["overlay"]
+
+    def _watch(self, record: ModelRecord) -> None:
+        routing = record.routing
+        for version, mv in record.serving.items():
+            mv.scheduler.observer.watch = functools.partial(routing.observe, version) if routing else None
+
+    async def canary(self, name: str, settings: dict[str, str], actions: set[str]) -> None:
+        """Start, change, promote, roll back or end a model's canary from the load API: in place when
+        the versions it needs already serve, else through a load that keeps unchanged versions."""
+        record = self._models.get(name)
+        if record is not None and record.serving and record.path is not None:
+            async with record.lock:
+                routing = self._routing(record)
+                overlay = {**routing.overlay, **settings}
+                current = record.serving[routing.unpinned(record.serving)].config.parameters
+                spec = canary_spec.parse({**canary_spec.config_settings(current), **overlay}, name,
+                                         ErrorCode.INVALID_ARGUMENT)
+                available = sorted(await asyncio.to_thread(layout.versions, record.path))
+                if spec is not None and spec.candidate not in available:
+                    raise ServingError(ErrorCode.INVALID_ARGUMENT, f"model '{name}': canary version "
+                                       f"{spec.candidate} has no version folder (versions: {available})")
+                if spec is None or routing.required(spec, record.policy, available) <= set(record.serving):
+                    try:
+                        routing.configure(spec, record.serving, record.policy, actions, operator=bool(settings))
+                    finally:
+                        self._watch(record)
+                    routing.overlay = overlay
+                    self.changes.notify()
+                    return
+        await self.load(name, canary=(settings, actions), reuse=True)
+
+    async def _release(self, record: ModelRecord, version: int) -> None:
+        """A version kept after a promotion is no longer needed: retire it unless the policy wants it."""
+        async with record.lock:
+            mv = record.serving.get(version)
+            routing = record.routing
+            if mv is None or version in record.policy or (routing is not None and version == routing.default):
+                return
+            record.serving = {v: m for v, m in record.serving.items() if v != version}
+            self.changes.notify()
+            self._retire(record, mv, "no longer needed after a canary promotion")
+
+    def canary_rows(self) -> list[tuple[str, int, float, dict[tuple[int, str], int]]]:
+        """(model, candidate, current share, rollback counts) for every model that ran a canary."""
+        return [(r.name, r.routing.spec.candidate, r.routing.share, r.routing.rollbacks)
+                for r in self._models.values() if r.routing is not None and r.routing.spec is not None]
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -319,7 +423,7 @@ class RepositoryManager:
                 reason = record.reason or "; ".join(f"version {v}: {why}" for v, (_, why) in failed)
                 detail = f": {reason}" if reason else ""
                 raise not_found(f"Request for unknown model: '{name}' has no available versions{detail}")
-            return record.serving[max(record.serving)]
+            return record.serving[record.routing.unpinned(record.serving) if record.routing else max(record.serving)]
         if not version.isdigit():
             raise ServingError(ErrorCode.INVALID_ARGUMENT,
                                f"failed to get model version from specified version string '{version}' "
@@ -336,6 +440,13 @@ class RepositoryManager:
                               f"({why}); ready versions: {ready}")
         raise not_found(f"Request for unknown model: '{name}' version {number} is not found; ready versions: {ready}")
 
+    def route(self, name: str, version: str = "", key: str = "") -> ModelVersion:
+        """Like ``get``, except that an unpinned request of a model with a canary may go to the candidate."""
+        record = self._models.get(name)
+        if version not in ("", "-1") or record is None or record.routing is None or not record.serving:
+            return self.get(name, version)
+        return record.serving[record.routing.route(record.serving, key)]
+
     def ready_versions(self, name: str | None = None) -> list[ModelVersion]:
         records = [self._models[name]] if name in self._models else [] if name else self._models.values()
         return [mv for r in records for _, mv in sorted(r.serving.items())]
@@ -350,7 +461,8 @@ class RepositoryManager:
         for name in sorted(self._models):
             record = self._models[name]
             versions: dict[int, tuple[str, str]] = dict(record.status)
-            versions.update({v: (READY, record.error) for v in record.serving})
+            note = record.routing.note if record.routing is not None else lambda v: ""
+            versions.update({v: (READY, record.error or note(v)) for v in record.serving})
             if versions:
                 for v in sorted(versions):
                     state, reason = versions[v]
