@@ -295,24 +295,29 @@ def test_manual_promotion_and_end(tmp_path, start_server):
     assert {client.infer("b", inputs).get_response().model_version for _ in range(30)} == {"1"}
 
 
-@pytest.mark.parametrize("params, words", [
+BAD_REQUESTS = [
     ({"canary:version": "2", "canary:share": "2"}, "between 0 and 1"),
     ({"canary:nonsense": "1"}, "unrecognized load parameter 'canary:nonsense'"),
     ({"canary:version": "9"}, "canary version 9 has no version folder"),
     ({"canary:promote": True}, "has no canary to promote"),
-])
-def test_bad_canary_requests_are_refused(tmp_path, start_server, params, words):
+    ({"canary:end": True, "canary:share": "0.2"}, "one canary action per load"),
+]
+
+
+def test_bad_canary_requests_are_refused(tmp_path, start_server):
     repo = _onnx_repo(tmp_path / "repo", "m")
     proc = start_server([repo], "--model-control-mode=explicit", "--load-model=m")
     client = grpcclient.InferenceServerClient(proc.grpc_url)
-    request = pb.RepositoryModelLoadRequest(model_name="m")
-    for key, value in params.items():
-        if isinstance(value, bool):
-            request.parameters[key].bool_param = value
-        else:
-            request.parameters[key].string_param = value
-    with grpc.insecure_channel(proc.grpc_url) as channel, pytest.raises(grpc.RpcError) as info:
-        pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(request, timeout=60)
-    assert words in info.value.details()
-    assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-    assert client.infer("m", _zeros()).get_response().model_version == "2"  # still serving as before
+    for params, words in BAD_REQUESTS:
+        request = pb.RepositoryModelLoadRequest(model_name="m")
+        for key, value in params.items():
+            if isinstance(value, bool):
+                request.parameters[key].bool_param = value
+            else:
+                request.parameters[key].string_param = value
+        with grpc.insecure_channel(proc.grpc_url) as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(request, timeout=60)
+        assert words in info.value.details(), (params, info.value.details())
+        assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+        assert client.infer("m", _zeros()).get_response().model_version == "2"  # still serving as before
+    assert index(client)[("m", "2")] == ("READY", "")
