@@ -292,6 +292,9 @@ class RepositoryManager:
         async with record.lock:
             old, record.serving = record.serving, {}
             record.wanted, record.error, record.fingerprint = False, "", None
+            if record.routing is not None:  # an unloaded model's canary is over; a new load starts afresh
+                record.routing.close()
+                record.routing = None
             self.changes.notify()
             tasks = [self._retire(record, mv, reason) for mv in old.values()]
             if not old:
