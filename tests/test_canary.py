@@ -5,6 +5,7 @@ promotion, manual promotion and end, all through config.pbtxt and the repository
 from __future__ import annotations
 
 import json
+import queue
 import re
 import threading
 import time
@@ -91,6 +92,20 @@ def test_share_sticky_and_pinned_from_config(tmp_path, start_server):
         assert len(seen) == 1, f"user-{i} saw versions {seen}"
         on_candidate += seen == {"2"}
     assert 2 <= on_candidate <= 35  # ~10% of 150 keys
+    # ModelStreamInfer: the stream's metadata key routes every request on it
+    for i in range(6):
+        replies: queue.Queue = queue.Queue()
+        stream = grpcclient.InferenceServerClient(proc.grpc_url)
+        stream.start_stream(lambda result, error: replies.put((result, error)),
+                            headers={"x-inferd-routing-key": f"user-{i}"})
+        try:
+            for _ in range(5):
+                stream.async_stream_infer("m", inputs)
+            seen = {replies.get(timeout=30)[0].get_response().model_version for _ in range(5)}
+        finally:
+            stream.stop_stream()
+        expected = client.infer("m", inputs, headers={"x-inferd-routing-key": f"user-{i}"})
+        assert seen == {expected.get_response().model_version}
     text = _metrics(proc)
     assert _sample(text, "inferd_canary_share", model="m", version="2") == 0.1
 

@@ -90,18 +90,19 @@ def test_cost_figures_add_up_to_batch_compute(cost_server):
         inp = grpcclient.InferInput("INPUT0", [size, 4], "FP32")
         inp.set_data_from_numpy(np.full((size, 4), i, dtype=np.float32))
         tenant = ("team-a", "team-b")[i % 2]
-        client.async_infer("b", [inp], lambda result, error: done.put((result, error)),
+        client.async_infer("b", [inp], lambda result, error: done.put((result, error)), request_id=str(i),
                            parameters={"inferd_cost": True}, headers={"x-inferd-tenant": tenant})
         sent.append((size, tenant))
     results = [done.get(timeout=60) for _ in sent]
     assert all(error is None for _, error in results), [e for _, e in results if e][:2]
-    figures = []
+    figures: list[dict] = [{} for _ in sent]  # in the order sent (callbacks come as requests finish)
+    size_of = {}  # the response's own batch size is its OUTPUT0 rows
     for result, _ in results:
         params = result.get_response().parameters
-        figures.append({k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in params.items()})
-    size_of = {}  # the response's own batch size is its OUTPUT0 rows
-    for (result, _), f in zip(results, figures):
+        f = figures[int(result.get_response().id)]
+        f.update({k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in params.items()})
         size_of[id(f)] = result.as_numpy("OUTPUT0").shape[0]
+        assert size_of[id(f)] == sent[int(result.get_response().id)][0]
     by_batch: dict[float, list[dict]] = defaultdict(list)
     for f in figures:
         assert f["inferd_cost_queue_seconds"] >= 0 and f["inferd_cost_memory_bytes"] > 0
@@ -160,3 +161,27 @@ def test_tokens_pass_through_and_are_counted(cost_server):
     text = _metrics(cost_server)
     assert _sample(text, "inferd_cost_tokens_total", model="llm", caller="t", kind="prompt") == 9
     assert _sample(text, "inferd_cost_tokens_total", model="llm", caller="t", kind="completion") == 18
+
+
+def test_cost_on_a_stream(cost_server):
+    """ModelStreamInfer: the final response of each request carries its figures; the caller comes
+    from the stream's metadata."""
+    client = grpcclient.InferenceServerClient(cost_server.grpc_url)
+    done: queue.Queue = queue.Queue()
+    client.start_stream(lambda result, error: done.put((result, error)), headers={"x-inferd-tenant": "streamer"})
+    try:
+        for i in range(5):
+            inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.full((1, 4), i, dtype=np.float32))
+            client.async_stream_infer("b", [inp], request_id=str(i), parameters={"inferd_cost": True})
+        replies = [done.get(timeout=30) for _ in range(5)]
+    finally:
+        client.stop_stream()
+    total = 0.0
+    for result, error in replies:
+        assert error is None
+        params = result.get_response().parameters
+        assert params["inferd_cost_batch_size"].int64_param >= 1
+        total += params["inferd_cost_compute_seconds"].double_param
+    got = _sample(_metrics(cost_server), "inferd_cost_compute_seconds_total", model="b", caller="streamer")
+    assert got == pytest.approx(total, rel=1e-6)

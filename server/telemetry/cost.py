@@ -100,7 +100,7 @@ class CostBook(Collector):
 
     def __init__(self) -> None:
         # (model, version, caller) -> [compute s, GiB x s, prompt tokens, completion tokens]
-        self._rows: dict[tuple[str, str, str], list[float]] = {}
+        self._rows: dict[tuple[str, int, str], list[float]] = {}
         self._callers: set[str] = set()
 
     def add(self, model: str, version: int, ticket: CostTicket) -> None:
@@ -110,7 +110,7 @@ class CostBook(Collector):
                 caller = OVERFLOW
             else:
                 self._callers.add(caller)
-        key = (model, str(version), caller)
+        key = (model, version, caller)
         row = self._rows.get(key)
         if row is None:
             row = self._rows[key] = [0.0, 0.0, 0, 0]
@@ -129,10 +129,11 @@ class CostBook(Collector):
                                             "(prompt_tokens / completion_tokens response parameters)",
                                             labels=labels + ["kind"])
         for (model, version, caller), (seconds, gib_s, prompt, completion) in sorted(self._rows.items()):
-            compute.add_metric([model, version, caller], seconds)
-            memory.add_metric([model, version, caller], gib_s)
-            tokens_family.add_metric([model, version, caller, "prompt"], prompt)
-            tokens_family.add_metric([model, version, caller, "completion"], completion)
+            v = str(version)
+            compute.add_metric([model, v, caller], seconds)
+            memory.add_metric([model, v, caller], gib_s)
+            tokens_family.add_metric([model, v, caller, "prompt"], prompt)
+            tokens_family.add_metric([model, v, caller, "completion"], completion)
         yield compute
         yield memory
         yield tokens_family
