@@ -265,6 +265,46 @@ def test_slow_candidate_rolled_back_on_p99_ratio(tmp_path, start_server):
     assert _sample(_metrics(proc), "inferd_canary_rollbacks_total", model="s", version="2", reason="p99_ratio") == 1
 
 
+_CHECKED_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy())])
+                for r in requests]
+
+    def canary_check(self, stats):
+        # e.g. a business metric the model tracks itself; here: refuse once it has seen 15 requests
+        if stats["requests"] >= 15:
+            return False, f"drift detected after {stats['requests']} requests (stable p99 {stats['stable_p99_ms']:.1f} ms)"
+        return True, ""
+"""
+
+
+def test_custom_check_from_model_py(tmp_path, start_server):
+    root = tmp_path / "repo"
+    _py_version(root, "c", 1)
+    (root / "c" / "2").mkdir()
+    (root / "c" / "2" / "model.py").write_text(_CHECKED_MODEL)
+    proc = start_server([root], "--model-control-mode=explicit", "--load-model=c")
+    client = grpcclient.InferenceServerClient(proc.grpc_url)
+    load = _Load(proc.grpc_url, "c")
+    try:
+        _load(proc.grpc_url, "c", version="2", share="0.5", custom_check="true", rollback_min_requests="10")
+        reason = wait_for(lambda: index(client)[("c", "2")][1].startswith("canary rolled back") and
+                          index(client)[("c", "2")][1], what="the custom check's rollback")
+    finally:
+        load.stop()
+    assert "the model's canary_check said: drift detected after" in reason
+    assert sum(load.failed.values()) == 0
+    assert _sample(_metrics(proc), "inferd_canary_rollbacks_total", model="c", version="2", reason="custom") == 1
+    # a candidate without the method cannot be started with the check on
+    with pytest.raises(grpc.RpcError) as info:
+        _load(proc.grpc_url, "c", version="1", stable_version="2", custom_check="true")
+    assert "offers no canary_check" in info.value.details()
+
+
 def test_promotion_keeps_the_previous_version_then_retires_it(tmp_path, start_server):
     repo = _onnx_repo(tmp_path / "repo", "m", versions=(1,))
     proc = start_server([repo], "--model-control-mode=explicit", "--load-model=m")

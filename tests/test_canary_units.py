@@ -44,7 +44,7 @@ def test_parse_settings():
     ({"rollback_p99_ms": "-3"}, "non-negative"),
     ({"rollback_window_s": "nan"}, "finite"),
     ({"canary_stable_version": "2"}, "must differ"),
-    ({"canary_custom_check": "true"}, "not supported"),
+    ({"canary_custom_check": "maybe"}, "true or false"),
 ])
 def test_bad_settings_name_the_problem(settings, words):
     with pytest.raises(ServingError) as info:

@@ -13,11 +13,12 @@ traffic uses and keeps the previous one loaded for ``keep_previous_s``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
 import time
-from typing import Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from server.core.errors import ErrorCode, ServingError, invalid
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RUNNING, ROLLED_BACK, PROMOTED, ENDED = "running", "rolled back", "promoted", "ended"
 BUCKETS = 10_000  # sticky keys hash into this many buckets; the first share x BUCKETS go to the candidate
+CHECK_INTERVAL_S = 1.0  # a model's own canary_check runs at most this often
 
 
 def bucket(key: str) -> int:
@@ -37,10 +39,17 @@ def bucket(key: str) -> int:
 
 class Routing:
     def __init__(self, model: str, schedule: Callable[[float, Callable[[], None]], object],
-                 release: Callable[[int], None]) -> None:
+                 release: Callable[[int], None],
+                 custom: Callable[[int, dict], Awaitable[tuple[bool, str]]] | None = None,
+                 offers: Callable[[int], bool] | None = None) -> None:
         self.model = model
         self._schedule = schedule  # loop.call_later
         self._release = release  # the manager retires a version nobody needs any more
+        self._custom = custom  # runs the candidate model's canary_check (in a thread)
+        self._offers = offers  # whether a version's model has a canary_check
+        self._checking = False
+        self._last_check = 0.0
+        self._tasks: set = set()
         self.overlay: dict[str, str] = {}  # canary settings an operator gave through the load API
         self.spec: CanarySpec | None = None
         self.phase = ""
@@ -122,6 +131,10 @@ class Routing:
         if not restart and self.phase in (PROMOTED, ENDED) and self.default == spec.candidate:
             return  # the configuration still names a canary that is over
         stable = self.stable_for(spec, selected, sorted(serving))
+        if spec.custom_check and spec.candidate in serving and not (self._offers and self._offers(spec.candidate)):
+            raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                               f"model '{self.model}': 'canary_custom_check' is on, but version {spec.candidate}'s "
+                               "model offers no canary_check(stats) method (a Python model's TritonPythonModel)")
         if stable is None or stable not in serving or spec.candidate not in serving:
             raise ServingError(ErrorCode.FAILED_PRECONDITION,
                                f"model '{self.model}': the canary needs versions {spec.candidate} (candidate) and "
@@ -203,6 +216,8 @@ class Routing:
             self.rollback("error_rate", f"error rate {candidate.error_rate:.1%} > {spec.error_rate:.1%} over the "
                           f"last {n} requests ({spec.window_s:g} s window)")
             return
+        if spec.custom_check and not self._checking and time.monotonic() - self._last_check >= CHECK_INTERVAL_S:
+            self._start_check(spec)
         if spec.p99_ms is None and spec.p99_ratio is None:
             return
         # the percentile sorts the window: judge it every ~1% of the window's requests
@@ -223,6 +238,41 @@ class Routing:
                 if base > 0 and p99 > spec.p99_ratio * base:
                     self.rollback("p99_ratio", f"p99 latency {p99:.1f} ms > {spec.p99_ratio:g} x the stable "
                                   f"version's {base:.1f} ms over the last {n} requests ({spec.window_s:g} s window)")
+
+    def figures(self) -> dict[str, Any]:
+        """What a model's canary_check sees: the window's figures for candidate and stable."""
+        spec = self.spec
+        assert spec is not None
+        out: dict[str, Any] = {"candidate_version": spec.candidate, "stable_version": self.default or 0,
+                               "share": self.share, "running_s": time.monotonic() - self._since}
+        for prefix, version in (("", spec.candidate), ("stable_", self.default)):
+            window = self._windows.get(version) if version is not None else None
+            if window is not None:
+                out.update({f"{prefix}requests": window.count, f"{prefix}errors": window.failed,
+                            f"{prefix}error_rate": window.error_rate, f"{prefix}p99_ms": window.p99_ms()})
+        return out
+
+    def _start_check(self, spec: CanarySpec) -> None:
+        if self._custom is None:
+            return
+        self._checking, self._last_check = True, time.monotonic()
+        stats, since = self.figures(), self._since
+
+        async def check() -> None:
+            try:
+                ok, reason = await self._custom(spec.candidate, stats)
+            except Exception as exc:  # a broken check gives no verdict; the built-in conditions still hold
+                log.error("model '%s' version %d: canary_check failed, no verdict: %s: %s", self.model,
+                          spec.candidate, type(exc).__name__, exc)
+                return
+            finally:
+                self._checking = False
+            if not ok and self.phase == RUNNING and self.spec is spec and self._since == since:
+                self.rollback("custom", f"the model's canary_check said: {reason}")
+
+        task = asyncio.get_running_loop().create_task(check())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- transitions -------------------------------------------------------------------------
 

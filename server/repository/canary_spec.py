@@ -32,7 +32,7 @@ class CanarySpec:
     promote_after_requests: int | None = None  # promote after this many candidate successes, no trip
     promote_after_s: float | None = None  # promote after this long running without a trip
     keep_previous_s: float = 600.0  # after a promotion, the previous default stays loaded this long
-    custom_check: bool = False  # reserved: see docs/canary.md (not offered yet)
+    custom_check: bool = False  # also ask the candidate's model.py (canary_check), about once a second
 
 
 def _version(key: str, text: str) -> int:
@@ -124,8 +124,6 @@ def parse(settings: Mapping[str, str], model: str, code: ErrorCode = ErrorCode.F
     except ValueError as exc:
         raise ServingError(code, f"model '{model}': canary setting {exc}") from None
     spec = CanarySpec(**fields)
-    if spec.custom_check:
-        raise ServingError(code, f"model '{model}': 'canary_custom_check' is not supported yet (see docs/canary.md)")
     if spec.stable is not None and spec.stable == spec.candidate:
         raise ServingError(code, f"model '{model}': 'canary_stable_version' must differ from 'canary_version' "
                            f"({spec.candidate})")

@@ -325,8 +325,18 @@ class RepositoryManager:
         if record.routing is None:
             loop = asyncio.get_running_loop()
             record.routing = Routing(record.name, loop.call_later,
-                                     lambda v: loop.create_task(self._release(record, v)))
+                                     lambda v: loop.create_task(self._release(record, v)),
+                                     functools.partial(self._canary_check, record),
+                                     lambda v: v in record.serving and bool(record.serving[v].scheduler.backends)
+                                     and all(b.canary_checks for b in record.serving[v].scheduler.backends))
         return record.routing
+
+    async def _canary_check(self, record: ModelRecord, version: int, stats: dict) -> tuple[bool, str]:
+        """The candidate model's own verdict (its first instance's canary_check, in a thread)."""
+        mv = record.serving.get(version)
+        if mv is None or not mv.scheduler.backends:
+            raise RuntimeError(f"version {version} is not serving")
+        return await asyncio.to_thread(mv.scheduler.backends[0].canary_check, stats)
 
     def _canary_plan(self, record: ModelRecord, canary: tuple[dict[str, str], set[str]] | None) -> dict:
         """The loader's hook (run in its thread): parse the canary settings of the configuration it

@@ -64,6 +64,11 @@ class Scheduler:
         self._request_path = uses_requests(instance.backend)
 
     @property
+    def backends(self) -> list:
+        """The backends of this version's instances (e.g. for a model's own canary check)."""
+        return [instance.backend for instance in self._instances]
+
+    @property
     def on_done(self):
         """The completion callback an Instance of this scheduler calls (on the loop)."""
         return self._on_done
