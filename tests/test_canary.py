@@ -277,7 +277,8 @@ class TritonPythonModel:
     def canary_check(self, stats):
         # e.g. a business metric the model tracks itself; here: refuse once it has seen 15 requests
         if stats["requests"] >= 15:
-            return False, f"drift detected after {stats['requests']} requests (stable p99 {stats['stable_p99_ms']:.1f} ms)"
+            p99 = stats["stable_p99_ms"]
+            return False, f"drift detected after {stats['requests']} requests (stable p99 {p99:.1f} ms)"
         return True, ""
 """
 
