@@ -351,11 +351,32 @@ def test_manual_promotion_and_end(tmp_path, start_server):
     assert {client.infer("b", inputs).get_response().model_version for _ in range(30)} == {"1"}
 
 
+def test_poll_mode_starts_a_canary_from_an_edited_config(tmp_path, start_server):
+    """GitOps: the canary keys land in config.pbtxt; the poller reloads, keeping version 1 as it is."""
+    pinned = 'version_policy { specific { versions: [ 1 ] } }\n'
+    repo = _onnx_repo(tmp_path / "repo", "m", extra=pinned)
+    proc = start_server([repo], "--model-control-mode=poll", "--repository-poll-secs=1")
+    client = grpcclient.InferenceServerClient(proc.grpc_url)
+    inputs = _zeros()
+    assert {client.infer("m", inputs).get_response().model_version for _ in range(20)} == {"1"}
+    (repo / "m" / "config.pbtxt").write_text(CONFIG + pinned + _param("canary_version", "2")
+                                             + _param("canary_share", "0.5"))
+    wait_for(lambda: index(client).get(("m", "2"), ("", ""))[1].startswith("canary candidate"), timeout=30,
+             what="the canary from the edited config")
+    assert Counter(client.infer("m", inputs).get_response().model_version for _ in range(200)).keys() == {"1", "2"}
+    (repo / "m" / "config.pbtxt").write_text(CONFIG + pinned)  # the canary keys leave: it ends
+    wait_for(lambda: index(client).get(("m", "2"), ("", ""))[0] != "READY", timeout=30,
+             what="version 2 unloaded once no canary needs it")
+    assert {client.infer("m", inputs).get_response().model_version for _ in range(20)} == {"1"}
+
+
 BAD_REQUESTS = [
     ({"canary:version": "2", "canary:share": "2"}, "between 0 and 1"),
     ({"canary:nonsense": "1"}, "unrecognized load parameter 'canary:nonsense'"),
     ({"canary:version": "9"}, "canary version 9 has no version folder"),
     ({"canary:promote": True}, "has no canary to promote"),
+    ({"canary:end": True}, "has no canary to end"),
+    ({"canary:start": True}, "has no canary settings to start"),
     ({"canary:end": True, "canary:share": "0.2"}, "one canary action per load"),
 ]
 

@@ -103,6 +103,8 @@ class Routing:
     def configure(self, spec: CanarySpec | None, serving: Mapping[int, object], selected: list[int],
                   actions: set[str] = frozenset(), operator: bool = False) -> None:
         if "end" in actions:
+            if self.spec is None or self.phase not in (RUNNING, ROLLED_BACK):
+                raise invalid(f"model '{self.model}' has no canary to end")
             self._finish(ENDED, "ended by an operator")
             return
         if "promote" in actions:
@@ -116,6 +118,9 @@ class Routing:
             self.rollback("manual", "rolled back by an operator")
             return
         if spec is None:
+            if "start" in actions:
+                raise invalid(f"model '{self.model}' has no canary settings to start (give 'canary:version' and "
+                              "'canary:share', or name them in config.pbtxt)")
             if self.phase in (RUNNING, ROLLED_BACK):
                 self._finish(ENDED, "the configuration names no canary any more")
             if self.phase != PROMOTED or self.default not in serving:
