@@ -131,6 +131,8 @@ class Routing:
         if same and not restart:
             if self.phase in (RUNNING, ROLLED_BACK):
                 self.spec = spec  # a changed share or condition applies at once; the window stays
+                for window in self._windows.values():
+                    window.span_ns = int(spec.window_s * 1e9)
             self._arm()
             return
         if not restart and self.phase in (PROMOTED, ENDED) and self.default == spec.candidate:
