@@ -127,6 +127,9 @@ def test_cost_figures_add_up_to_batch_compute(cost_server):
         got = _sample(text, "inferd_cost_compute_seconds_total", model="b", version="1", caller=tenant)
         assert got == pytest.approx(mine, rel=1e-6)
         assert _sample(text, "inferd_cost_memory_gib_seconds_total", model="b", version="1", caller=tenant) > 0
+        queued = sum(f["inferd_cost_queue_seconds"] for f, (_, t) in zip(figures, sent) if t == tenant)
+        got = _sample(text, "inferd_cost_queue_seconds_total", model="b", version="1", caller=tenant)
+        assert got == pytest.approx(queued, rel=1e-6) and got > 0
 
 
 def test_cost_over_rest_and_bad_values(cost_server):

@@ -99,7 +99,7 @@ class CostBook(Collector):
     """Cost counters per (model, version, caller); updated on the loop, read at scrape time."""
 
     def __init__(self) -> None:
-        # (model, version, caller) -> [compute s, GiB x s, prompt tokens, completion tokens]
+        # (model, version, caller) -> [compute s, GiB x s, prompt tokens, completion tokens, queue s]
         self._rows: dict[tuple[str, int, str], list[float]] = {}
         self._callers: set[str] = set()
 
@@ -113,11 +113,12 @@ class CostBook(Collector):
         key = (model, version, caller)
         row = self._rows.get(key)
         if row is None:
-            row = self._rows[key] = [0.0, 0.0, 0, 0]
+            row = self._rows[key] = [0.0, 0.0, 0, 0, 0.0]
         row[0] += ticket.compute_ns / 1e9
         row[1] += ticket.gib_seconds
         row[2] += ticket.tokens.get("prompt", 0)
         row[3] += ticket.tokens.get("completion", 0)
+        row[4] += ticket.queue_ns / 1e9
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "version", "caller"]
@@ -125,15 +126,19 @@ class CostBook(Collector):
                                       "(their share of each batch's compute time, by batch size)", labels=labels)
         memory = CounterMetricFamily("inferd_cost_memory_gib_seconds", "Memory held by the executing instance "
                                      "times the request's compute time, in GiB x seconds", labels=labels)
+        queued = CounterMetricFamily("inferd_cost_queue_seconds", "Time requests waited in the scheduler's queue "
+                                     "before their batch ran", labels=labels)
         tokens_family = CounterMetricFamily("inferd_cost_tokens", "Tokens language models reported "
                                             "(prompt_tokens / completion_tokens response parameters)",
                                             labels=labels + ["kind"])
-        for (model, version, caller), (seconds, gib_s, prompt, completion) in sorted(self._rows.items()):
+        for (model, version, caller), (seconds, gib_s, prompt, completion, queue_s) in sorted(self._rows.items()):
             v = str(version)
             compute.add_metric([model, v, caller], seconds)
             memory.add_metric([model, v, caller], gib_s)
+            queued.add_metric([model, v, caller], queue_s)
             tokens_family.add_metric([model, v, caller, "prompt"], prompt)
             tokens_family.add_metric([model, v, caller, "completion"], completion)
         yield compute
         yield memory
+        yield queued
         yield tokens_family
