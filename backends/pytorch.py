@@ -312,6 +312,11 @@ class PyTorchBackend(Backend):
                 result = self._module(*args)
             return self._to_numpy(self._outputs(result, outputs))
 
+    def memory_bytes(self) -> int | None:
+        """On a GPU: what torch's caching allocator has allocated on this instance's device (shared by
+        every instance of the process on that device); on CPU: None (the server uses RSS growth)."""
+        return torch.cuda.memory_allocated(self._device) if self._cuda else None
+
     def warmup(self) -> None:
         """Two zero batches of one when every dim is fixed: runs the TorchScript profiling passes
         (and CUDA/cuBLAS initialisation) before the first request instead of during it."""

@@ -22,6 +22,8 @@ from server.scheduling.serving import ServingFactory
 from server.services import LocalServices
 from server.security import Security
 from server.settings import Settings
+from server.telemetry.canary_metrics import CanaryCollector
+from server.telemetry.cost import CostBook
 from server.telemetry.metrics import Metrics, MetricsServer
 from server.telemetry.tracing import Tracing
 
@@ -50,7 +52,12 @@ class App:
         log.info("%s", self.security.summary())
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
         self.tracing = Tracing.from_flags(settings.trace_config)
-        self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics), self.tracing)
+        self.costs = CostBook()  # cost per request, per model, version and caller (docs/cost.md)
+        self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics, self.costs),
+                                            self.tracing)
+        if self.metrics is not None:
+            self.metrics.registry.register(self.costs)
+            self.metrics.registry.register(CanaryCollector(self.repository.canary_rows))
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
                                    settings.strict_readiness)

@@ -23,8 +23,10 @@ from server.core.names import check_model_name
 from server.core.stream import Item, ResponseStream, UnaryResponse
 from server.core.types import IndexEntry, InferRequest, InferResponse, ModelMetadata, Tensor, TensorMetadata
 from server.protos import model_config_pb2 as mc
+from server.repository import canary_spec
 from server.repository import config as configs
 from server.repository.manager import ModelVersion, RepositoryManager
+from server.telemetry.cost import REQUEST_PARAMETER as COST, CostTicket
 from server.telemetry.stats import to_dict
 from server.telemetry.tracing import Tracing
 
@@ -140,7 +142,15 @@ class DataPlane:
         self._check_control()
         check_model_name(name, "load")
         config, files = None, {}
+        canary = {k: v for k, v in (parameters or {}).items() if k.startswith(canary_spec.LOAD_PREFIX)}
+        if canary:  # start / change / promote / end a canary (docs/canary.md)
+            settings, actions = canary_spec.load_settings(canary, name)
+            if len(canary) == len(parameters or {}):
+                await self._repository.canary(name, settings, actions)
+                return
         for key, value in (parameters or {}).items():
+            if key.startswith(canary_spec.LOAD_PREFIX):
+                continue
             if key == "config":
                 if not isinstance(value, str):
                     raise invalid("load parameter 'config' must be a string (the model configuration as JSON)")
@@ -155,7 +165,8 @@ class DataPlane:
             raise ServingError(ErrorCode.INVALID_ARGUMENT,
                                f"failed to load '{name}': 'file:' load parameters need the 'config' parameter "
                                "too (the configuration of the model those files make up)")
-        await self._repository.load(name, config, files or None)
+        await self._repository.load(name, config, files or None,
+                                    canary=(settings, actions) if canary else None)
 
     async def unload(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
         self._check_control()
@@ -198,25 +209,34 @@ class DataPlane:
             return await self._tracing.infer(self._infer, request)
         return await self._infer(request)
 
-    def _admit(self, request: InferRequest) -> tuple[ModelVersion, dict[str, np.ndarray], list[str], bool]:
+    def _admit(self, request: InferRequest
+               ) -> tuple[ModelVersion, dict[str, np.ndarray], list[str], bool, CostTicket]:
         if self.draining:
             raise unavailable("the server is shutting down and accepts no new requests")
-        mv = self._get(request.model_name, request.model_version)
+        # an unpinned request of a model with a canary may go to the candidate (repository/canary.py)
+        mv = self._repository.route(request.model_name, request.model_version, request.routing_key)
         empty_final = validation.check_parameters(request)
+        want = request.parameters.pop(COST, False)
+        if not isinstance(want, bool):
+            raise invalid(f"parameter '{COST}' must be a boolean (true returns the request's cost in the "
+                          f"response parameters), got {want!r}")
         inputs = validation.check_inputs(mv.config, request)
         outputs = validation.check_outputs(mv.config, request.outputs)
-        return mv, inputs, outputs, empty_final
+        return mv, inputs, outputs, empty_final, CostTicket(request.caller, want)
 
     async def _infer(self, request: InferRequest) -> InferResponse:
-        mv, inputs, outputs, _ = self._admit(request)
+        mv, inputs, outputs, _, cost = self._admit(request)
         if mv.config.decoupled:
             raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
         sink = UnaryResponse(asyncio.get_running_loop())
         # no await between lookup and enqueue: a swap cannot retire this version in between
-        mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace, sink)
+        mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace, sink,
+                            cost)
         response = _render(mv, request.id, outputs, await sink.result())
         if response.error is not None:  # an output the configuration does not allow
             raise response.error
+        if cost.want:
+            response.parameters.update(cost.figures())
         return response
 
     def stream(self, request: InferRequest) -> ResponseStream:
@@ -227,12 +247,13 @@ class DataPlane:
         if request.trace is not None:
             token = self._tracing.begin(request)
         try:
-            mv, inputs, outputs, empty_final = self._admit(request)
+            mv, inputs, outputs, empty_final, cost = self._admit(request)
             loop = asyncio.get_running_loop()
-            stream = ResponseStream(loop, mv.config.decoupled, lambda item: _render(mv, request.id, outputs, item))
+            stream = ResponseStream(loop, mv.config.decoupled, lambda item: _costed(
+                _render(mv, request.id, outputs, item), cost))
             stream.empty_final = empty_final
             mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline,
-                                request.trace, stream)
+                                request.trace, stream, cost)
             if request.trace is not None:
                 _end_span_on_final(self._tracing, request, token, stream, str(mv.version))
         except ServingError as exc:
@@ -262,6 +283,13 @@ def _end_span_on_final(tracing: Tracing, request: InferRequest, token: Any, stre
 
     stream.on_final = on_final
     stream.on_cancel(lambda: end("CANCELLED", "the caller cancelled the request"))
+
+
+def _costed(response: InferResponse, cost: CostTicket) -> InferResponse:
+    """A stream's final response carries the request's cost figures when it asked for them."""
+    if cost.want and response.final and response.error is None:
+        response.parameters.update(cost.figures())
+    return response
 
 
 def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item) -> InferResponse:

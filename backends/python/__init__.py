@@ -100,6 +100,7 @@ class TritonPythonBackend(Backend):
         self._module_name = module_name
         self._model = model
         self.decoupled = model.decoupled
+        self.canary_checks = callable(getattr(model.model, "canary_check", None))
 
     @classmethod
     def load(cls, ctx: LoadContext) -> Backend:
@@ -107,6 +108,14 @@ class TritonPythonBackend(Backend):
 
     def execute_requests(self, requests: Sequence[BackendRequest]) -> None:
         self._model.execute(requests)
+
+    def canary_check(self, stats: Mapping[str, float]) -> tuple[bool, str]:
+        """The model's ``canary_check(stats) -> (ok, reason)`` (an inferd extension of Triton's API)."""
+        verdict = self._model.model.canary_check(dict(stats))
+        if (not isinstance(verdict, tuple) or len(verdict) != 2 or not isinstance(verdict[0], bool)
+                or not isinstance(verdict[1], str)):
+            raise TypeError(f"canary_check must return (ok: bool, reason: str), got {verdict!r}")
+        return verdict
 
     def close(self) -> None:
         model, self._model = self._model, None

@@ -100,6 +100,8 @@ class Backend(abc.ABC):
     #: True: this instance may send 0..N responses per request (set by a backend whose model is
     #: decoupled; such a backend implements ``execute_requests``)
     decoupled: bool = False
+    #: True: ``canary_check`` judges this instance's model as a canary candidate (docs/canary.md)
+    canary_checks: bool = False
 
     @classmethod
     @abc.abstractmethod
@@ -121,6 +123,17 @@ class Backend(abc.ABC):
         thread. An exception raised here fails every request of the batch that has no final yet.
         """
         raise NotImplementedError  # the instance uses the tensor path unless a backend overrides this
+
+    def canary_check(self, stats: Mapping[str, float]) -> tuple[bool, str]:
+        """The model's own verdict on itself as a canary candidate, given the window's figures
+        (``ok``, ``reason``); called from a worker thread while the instance keeps serving."""
+        raise NotImplementedError(f"{type(self).__name__} offers no canary check")
+
+    def memory_bytes(self) -> int | None:
+        """Bytes of (device) memory this instance holds, where the framework can say (called per
+        batch from the instance thread, so it must be cheap); None: the server uses the growth of
+        its process's RSS measured while the instance loaded (docs/cost.md)."""
+        return None
 
     def warmup(self) -> None:
         """Backend-specific warm-up beyond the config's model_warmup samples (optional)."""

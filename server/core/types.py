@@ -40,6 +40,10 @@ class InferRequest:
     deadline: float | None = None
     # opaque per-request context owned by telemetry (span, trace ids); None when tracing is off
     trace: Any = None
+    # sticky canary routing: requests with one key always see one version (x-inferd-routing-key)
+    routing_key: str = ""
+    # who is asking, for cost accounting (frontends/identity.py); "" when unknown
+    caller: str = ""
 
 
 @dataclass(slots=True)

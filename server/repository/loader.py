@@ -19,6 +19,7 @@ from server.core.dtypes import NUMPY_DTYPES
 from server.core.errors import ErrorCode, ServingError
 from server.core.names import check_model_name
 from server.protos import model_config_pb2 as mc
+from server.telemetry.cost import process_rss
 from server.telemetry.gpu import gpu_count
 
 from . import backends, layout, pbtxt
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 class LoadedVersion:
     version: int
     backends: list[tuple[str, Backend]]  # (instance name, backend)
+    memory: dict[str, int] = field(default_factory=dict)  # instance name -> RSS growth while it loaded
 
 
 @dataclass
@@ -106,11 +108,12 @@ def _context(model_path: Path, version: int, vpath: Path, config: core.ModelConf
 
 def load_model(model_path: Path, options: LoadOptions, override_json: str | None = None,
                only_versions: set[int] | None = None, skip: frozenset[int] | set[int] = frozenset(),
-               on_plan: Callable[[list[int]], None] | None = None) -> LoadResult:
+               on_plan: Callable[[list[int]], None] | None = None, plan: dict | None = None) -> LoadResult:
     """Read, complete and validate the config, then load every selected version's instances.
 
     ``skip`` names versions the caller already serves unchanged: they count as selected but are not
     loaded again. ``on_plan`` hears which versions are about to load (for LOADING states).
+    ``plan["extend"]`` (the canary's hook) may add versions to what the version policy selects.
     Raises ServingError when the model as a whole cannot load (bad config, unknown backend);
     a version that fails is reported in ``failed`` and the others still load.
     """
@@ -126,6 +129,8 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
     layout.complete_backend_fields(proto, model_path, available)
     backend_cls = backends.find(proto.backend)
     selected = layout.select(proto.version_policy, list(available))
+    if plan is not None:
+        selected = plan["extend"](proto, sorted(available), selected)
     if only_versions is not None:
         selected = [v for v in selected if v in only_versions]
     if not selected:
@@ -151,14 +156,18 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
     for version in to_load:
         vpath = available[version]
         loaded: list[tuple[str, Backend]] = []
+        memory: dict[str, int] = {}
         try:
             for index, (iname, device) in enumerate(placements):
                 ctx = _context(model_path, version, vpath, config, iname, device, index, threads,
                                options.services, proto)
-                loaded.append((iname, backend_cls.load(ctx)))
-            for _, backend in loaded:
+                before = process_rss()  # the instance's footprint for cost accounting (docs/cost.md)
+                backend = backend_cls.load(ctx)
+                loaded.append((iname, backend))
                 warm_up(backend, config, model_path)
-            result.loaded[version] = LoadedVersion(version, loaded)
+                # RSS growth undercounts when the allocator reuses freed memory: the weights file is a floor
+                memory[iname] = max(0, process_rss() - before, _file_size(ctx.model_file))
+            result.loaded[version] = LoadedVersion(version, loaded, memory)
         except Exception as exc:  # noqa: BLE001 - reported per version; the others still load
             for _, backend in loaded:
                 backend.close()
@@ -166,6 +175,13 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
             log.error("model '%s' version %d failed to load: %s", name, version, reason)
             result.failed[version] = reason
     return result
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def _autocomplete(proto: mc.ModelConfig, backend_cls: type[Backend], model_path: Path, version: int,

@@ -25,6 +25,8 @@ from server.telemetry.stats import ModelStats
 from server.telemetry.tracing import Tracing, model_span
 
 from . import layout
+from .canary import Routing
+from .canary_control import CanaryControl
 from .fingerprint import ModelPrint, model_print
 from .loader import LoadOptions, LoadResult, load_model, remove_override, write_override
 
@@ -61,13 +63,15 @@ class ModelRecord:
     wanted: bool = False  # asked to serve (start, poll or API) and not unloaded since
     fingerprint: ModelPrint | None = None  # the folder as of the latest load attempt (for polling)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    routing: Routing | None = None  # canary routing (server/repository/canary.py); None: never had one
+    policy: list[int] = field(default_factory=list)  # what the version policy selected at the latest load
 
 
 def _reasons(failed: dict[int, str]) -> str:
     return "; ".join(f"version {v}: {r}" for v, r in sorted(failed.items()))
 
 
-class RepositoryManager:
+class RepositoryManager(CanaryControl):
     def __init__(self, repositories: list[Path], options: LoadOptions | None = None,
                  serving: ServingFactory | None = None, tracing: Tracing | None = None) -> None:
         self.repositories = repositories
@@ -118,7 +122,8 @@ class RepositoryManager:
 
     @model_span("load")
     async def load(self, name: str, config_override: str | None = None, files: dict[str, bytes] | None = None,
-                   *, reuse: bool = False, seen: ModelPrint | None = None) -> None:
+                   *, reuse: bool = False, seen: ModelPrint | None = None,
+                   canary: tuple[dict[str, str], set[str]] | None = None) -> None:
         """(Re)load a model; the current versions serve until the new ones are ready.
 
         ``files`` (inline ``file:`` contents) replace the model folder for this load; ``reuse``
@@ -142,14 +147,15 @@ class RepositoryManager:
             if files:
                 override = await asyncio.to_thread(write_override, name, files)
             try:
-                await self._load_locked(record, override or path, config_override, override, reuse, seen)
+                await self._load_locked(record, override or path, config_override, override, reuse, seen, canary)
             except BaseException:
                 if override is not None and not any(mv.override == override for mv in record.serving.values()):
                     remove_override(override)
                 raise
 
     async def _load_locked(self, record: ModelRecord, source: Path, config_override: str | None,
-                           override: Path | None, reuse: bool, seen: ModelPrint | None) -> None:
+                           override: Path | None, reuse: bool, seen: ModelPrint | None,
+                           canary: tuple[dict[str, str], set[str]] | None = None) -> None:
         name = record.name
         printed = seen if seen is not None and override is None else await asyncio.to_thread(model_print, source)
         if override is None:
@@ -171,7 +177,8 @@ class RepositoryManager:
             loop.call_soon_threadsafe(self._mark_loading, record, versions)
 
         try:
-            result = await self._run(load_model, source, self.options, config_override, None, keep, planned)
+            plan = self._canary_plan(record, canary)
+            result = await self._run(load_model, source, self.options, config_override, None, keep, planned, plan)
         except ServingError as exc:
             self._load_failed(record, exc.message)
             raise
@@ -200,11 +207,13 @@ class RepositoryManager:
         if not first and not result.loaded and set(kept) == set(record.serving):
             record.error = ""
             log.info("model '%s' unchanged: versions %s keep serving", name, sorted(kept))
+            self._canary_apply(record, plan, canary)
             return
         stamps = {v: None if custom or printed is None else (str(source), *printed.stamp(v)) for v in result.loaded}
         self._swap(record, result, kept, stamps, override)
         if not record.serving:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"failed to load '{name}': {_reasons(result.failed)}")
+        self._canary_apply(record, plan, canary)
 
     async def _run(self, fn, *args) -> LoadResult:
         """Run a load in a thread; if the caller is cancelled meanwhile, free what it produced."""
@@ -231,7 +240,7 @@ class RepositoryManager:
               stamps: dict[int, tuple | None], override: Path | None) -> None:
         fresh: dict[int, ModelVersion] = dict(kept)
         for version, loaded in result.loaded.items():
-            scheduler, stats = self.serving(record.name, version, result.config, loaded.backends)
+            scheduler, stats = self.serving(record.name, version, result.config, loaded.backends, loaded.memory)
             fresh[version] = ModelVersion(record.name, version, result.config, result.proto, scheduler, stats,
                                           stamp=stamps.get(version), override=override)
         old = record.serving
@@ -283,6 +292,9 @@ class RepositoryManager:
         async with record.lock:
             old, record.serving = record.serving, {}
             record.wanted, record.error, record.fingerprint = False, "", None
+            if record.routing is not None:  # an unloaded model's canary is over; a new load starts afresh
+                record.routing.close()
+                record.routing = None
             self.changes.notify()
             tasks = [self._retire(record, mv, reason) for mv in old.values()]
             if not old:
@@ -299,6 +311,8 @@ class RepositoryManager:
         """Refuse further loads, retire everything, and wait for the drains."""
         self._shut = True
         for record in self._models.values():
+            if record.routing is not None:
+                record.routing.close()
             old, record.serving = record.serving, {}
             for mv in old.values():
                 self._retire(record, mv, "server shut down")
@@ -319,7 +333,7 @@ class RepositoryManager:
                 reason = record.reason or "; ".join(f"version {v}: {why}" for v, (_, why) in failed)
                 detail = f": {reason}" if reason else ""
                 raise not_found(f"Request for unknown model: '{name}' has no available versions{detail}")
-            return record.serving[max(record.serving)]
+            return record.serving[record.routing.unpinned(record.serving) if record.routing else max(record.serving)]
         if not version.isdigit():
             raise ServingError(ErrorCode.INVALID_ARGUMENT,
                                f"failed to get model version from specified version string '{version}' "
@@ -336,6 +350,13 @@ class RepositoryManager:
                               f"({why}); ready versions: {ready}")
         raise not_found(f"Request for unknown model: '{name}' version {number} is not found; ready versions: {ready}")
 
+    def route(self, name: str, version: str = "", key: str = "") -> ModelVersion:
+        """Like ``get``, except that an unpinned request of a model with a canary may go to the candidate."""
+        record = self._models.get(name)
+        if version not in ("", "-1") or record is None or record.routing is None or not record.serving:
+            return self.get(name, version)
+        return record.serving[record.routing.route(record.serving, key)]
+
     def ready_versions(self, name: str | None = None) -> list[ModelVersion]:
         records = [self._models[name]] if name in self._models else [] if name else self._models.values()
         return [mv for r in records for _, mv in sorted(r.serving.items())]
@@ -350,7 +371,8 @@ class RepositoryManager:
         for name in sorted(self._models):
             record = self._models[name]
             versions: dict[int, tuple[str, str]] = dict(record.status)
-            versions.update({v: (READY, record.error) for v in record.serving})
+            note = record.routing.note if record.routing is not None else lambda v: ""
+            versions.update({v: (READY, record.error or note(v)) for v in record.serving})
             if versions:
                 for v in sorted(versions):
                     state, reason = versions[v]

@@ -64,6 +64,11 @@ class Scheduler:
         self._request_path = uses_requests(instance.backend)
 
     @property
+    def backends(self) -> list:
+        """The backends of this version's instances (e.g. for a model's own canary check)."""
+        return [instance.backend for instance in self._instances]
+
+    @property
     def on_done(self):
         """The completion callback an Instance of this scheduler calls (on the loop)."""
         return self._on_done
@@ -71,7 +76,8 @@ class Scheduler:
     # -- submission --------------------------------------------------------------------------
 
     def submit(self, request_id: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
-               parameters: Mapping[str, object], deadline: float | None, trace: object, sink) -> None:
+               parameters: Mapping[str, object], deadline: float | None, trace: object, sink,
+               cost: object = None) -> None:
         """Queue one validated request; its responses go to ``sink``. Raises ServingError when refused."""
         level, policy = self._level_and_policy(parameters)
         if policy.max_queue_size and self._queues.level_length(level) >= policy.max_queue_size:
@@ -84,7 +90,8 @@ class Scheduler:
         timeout_at = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         size = next(iter(inputs.values())).shape[0] if self._batched and inputs else 1
         key = batching.batch_key(inputs) if self._db else None
-        item = Pending(request_id, inputs, size, key, outputs, parameters, sink, level, deadline, timeout_at, trace)
+        item = Pending(request_id, inputs, size, key, outputs, parameters, sink, level, deadline, timeout_at, trace,
+                       cost)
         if self._request_path:
             sink.on_final = functools.partial(self._final, item)
             sink.on_response = functools.partial(self._responded, item)
@@ -260,7 +267,8 @@ class Scheduler:
         if item.state == DONE:
             return
         outputs, parameters, final, error = item_sent
-        self.observer.responded(item, index, final, error, empty=outputs is None and error is None and not parameters)
+        self.observer.responded(item, index, final, error,
+                                empty=outputs is None and error is None and not parameters, parameters=parameters)
 
     def _final(self, item: Pending, error: ServingError | None) -> None:
         """The final response of a request-path request was delivered (on the loop)."""

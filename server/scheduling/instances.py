@@ -44,6 +44,7 @@ class Job:
     # per-member errors when a batch was re-run member by member (see run_job); None otherwise
     errors: list[ServingError | None] | None = None
     timing: BatchTiming | None = None
+    memory: int = 0  # bytes the executing instance held (for the cost of its members)
 
     @property
     def sizes(self) -> list[int]:
@@ -126,12 +127,14 @@ class Instance:
         loop: asyncio.AbstractEventLoop,
         on_done: Callable[["Instance", Job], None],
         observer: "ModelObserver",
+        memory: int = 0,
     ) -> None:
         self.name = name
         self.backend = backend
         self._loop = loop
         self._on_done = on_done
         self._observer = observer
+        self.loaded_memory = memory  # process RSS growth while this instance loaded and warmed up
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"inferd:{name}", daemon=True)
         self._thread.start()
@@ -144,11 +147,18 @@ class Instance:
             job = self._jobs.get()
             if job is None:
                 return
+            job.memory = self.memory()
             self._observer.execute(run_job, self.backend, job, self.name)
             try:
                 self._loop.call_soon_threadsafe(self._on_done, self, job)
             except RuntimeError:  # loop closed during shutdown
                 return
+
+    def memory(self) -> int:
+        """Bytes this instance holds: what its backend reports (device memory), else the RSS growth
+        measured while it loaded (see docs/cost.md)."""
+        reported = self.backend.memory_bytes()
+        return self.loaded_memory if reported is None else reported
 
     def close(self) -> None:
         """Stop the thread after its current job, then free the backend."""

@@ -20,12 +20,12 @@ class Pending:
 
     __slots__ = (
         "id", "inputs", "size", "key", "outputs", "parameters", "sink", "level", "arrived_ns", "started_ns",
-        "last_ns", "deadline", "timeout_at", "state", "delayed", "trace",
+        "last_ns", "deadline", "timeout_at", "state", "delayed", "trace", "cost",
     )
 
     def __init__(self, id: str, inputs: Mapping[str, np.ndarray], size: int, key: Any, outputs: Sequence[str],
                  parameters: Mapping[str, Any], sink: Any, level: int, deadline: float | None,
-                 timeout_at: float | None, trace: Any) -> None:
+                 timeout_at: float | None, trace: Any, cost: Any = None) -> None:
         self.id = id
         self.inputs = inputs
         self.size = size
@@ -42,6 +42,7 @@ class Pending:
         self.state = QUEUED
         self.delayed = False
         self.trace = trace
+        self.cost = cost  # telemetry/cost.py CostTicket (None: not tracked)
 
 
 class Queues:

@@ -7,10 +7,11 @@ repository decides *when* a version serves and this module decides *how*.
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from server.core.backend import Backend
 from server.core.config import ModelConfig
+from server.telemetry.cost import CostBook
 from server.telemetry.observer import ModelObserver
 from server.telemetry.stats import ModelStats, StatsSink
 
@@ -19,16 +20,19 @@ from .instances import Instance
 
 
 class ServingFactory:
-    def __init__(self, sink: StatsSink | None = None) -> None:
+    def __init__(self, sink: StatsSink | None = None, costs: CostBook | None = None) -> None:
         self.sink = sink
+        self.costs = costs
 
     def __call__(self, name: str, version: int, config: ModelConfig,
-                 backends: Sequence[tuple[str, Backend]]) -> tuple[Scheduler, ModelStats]:
+                 backends: Sequence[tuple[str, Backend]], memory: Mapping[str, int] | None = None
+                 ) -> tuple[Scheduler, ModelStats]:
         """Start the instance threads of a loaded version (on the event loop)."""
         loop = asyncio.get_running_loop()
         stats = ModelStats(name, version, sink=self.sink)
-        observer = ModelObserver(stats)
+        observer = ModelObserver(stats, self.costs)
         scheduler = Scheduler(config, observer, loop)
         for instance_name, backend in backends:
-            scheduler.add_instance(Instance(instance_name, backend, loop, scheduler.on_done, observer))
+            scheduler.add_instance(Instance(instance_name, backend, loop, scheduler.on_done, observer,
+                                            (memory or {}).get(instance_name, 0)))
         return scheduler, stats

@@ -11,16 +11,19 @@ from typing import Any, Callable
 
 from server.core.errors import ServingError
 
-from . import tracing
+from . import cost, tracing
 from .stats import CANCELED, ModelStats
 
 
 class ModelObserver:
-    __slots__ = ("stats", "model")
+    __slots__ = ("stats", "model", "costs", "watch")
 
-    def __init__(self, stats: ModelStats) -> None:
+    def __init__(self, stats: ModelStats, costs: cost.CostBook | None = None) -> None:
         self.stats = stats
         self.model = stats.name
+        self.costs = costs  # per-caller cost counters (telemetry/cost.py)
+        # (ok, latency ns) of every finished request: the canary's rollback conditions read it
+        self.watch: Callable[[bool, int], None] | None = None
 
     # -- queue -------------------------------------------------------------------------------
 
@@ -34,7 +37,10 @@ class ModelObserver:
 
     def dropped(self, request: Any, error: ServingError, reason: str) -> None:
         """A request left the queue without running (timeout, deadline, cancellation, unload)."""
-        self.stats.record_failure(time.perf_counter_ns() - request.arrived_ns, None, reason)
+        total = time.perf_counter_ns() - request.arrived_ns
+        self.stats.record_failure(total, None, reason)
+        if self.watch is not None and reason != CANCELED:
+            self.watch(False, total)
         if request.trace is not None:
             tracing.queue_failed(request.trace, error)
 
@@ -50,13 +56,18 @@ class ModelObserver:
     def batch_done(self, job: Any) -> None:
         if job.traces is not None:
             tracing.batch_spans(job, self.model)
-        if job.timing is not None:
-            self.stats.record_batch(job.timing)
+        timing = job.timing
+        if timing is not None:
+            self.stats.record_batch(timing)
+            cost.split(job.members, timing.input_ns + timing.infer_ns + timing.output_ns, job.memory)
 
     # -- responses and completion ------------------------------------------------------------
 
-    def responded(self, request: Any, index: int, final: bool, error: ServingError | None, empty: bool) -> None:
+    def responded(self, request: Any, index: int, final: bool, error: ServingError | None, empty: bool,
+                  parameters: Any = None) -> None:
         """A response of a request-path model was delivered (index 0 is the first)."""
+        if parameters and request.cost is not None:
+            cost.tokens(request.cost, parameters)
         now = time.perf_counter_ns()
         since = now - (request.last_ns or request.started_ns or request.arrived_ns)
         request.last_ns = now
@@ -80,3 +91,7 @@ class ModelObserver:
             if reason == CANCELED and request.sink.responded:
                 self.stats.record_cancel(request.sink.responded, end - (request.last_ns or end))
             self.stats.record_failure(total, queued, reason)
+        if self.watch is not None and reason != CANCELED:
+            self.watch(error is None, total)
+        if self.costs is not None and request.cost is not None:
+            self.costs.add(self.model, self.stats.version, request.cost)

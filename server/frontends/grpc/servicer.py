@@ -15,6 +15,7 @@ import grpc
 
 from server.core.errors import ErrorCode, ServingError
 from server.dataplane import DataPlane
+from server.frontends import identity
 from server.frontends.status import grpc_status
 from server.protos import grpc_service_pb2 as pb
 from server.protos import grpc_service_pb2_grpc as pb_grpc
@@ -139,6 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelInfer(self, request, context):
         infer_request = converters.to_request(request, _deadline(context))
+        identity.tag(infer_request, identity.grpc_lookup(context.invocation_metadata()))
         if self.dp.tracing_on:  # the caller's trace context (traceparent / tracestate metadata)
             infer_request.trace = self.dp.trace_grpc(context.invocation_metadata())
         response = await self.dp.infer(infer_request)

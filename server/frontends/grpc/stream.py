@@ -22,6 +22,7 @@ import grpc
 from server.core.errors import unavailable
 from server.core.types import InferResponse
 from server.dataplane import DataPlane
+from server.frontends import identity
 from server.protos import grpc_service_pb2 as pb
 
 from . import converters
@@ -60,6 +61,7 @@ class StreamInfer:
 
     async def __call__(self, request_iterator, context):
         call = _Call(self.dp, self._status_of, _grpc_error_mode(context))
+        call.lookup = identity.grpc_lookup(context.invocation_metadata())  # routing key and caller
         stream_trace = self.dp.trace_grpc(context.invocation_metadata(), stream=True) if self.dp.tracing_on else None
         reader = asyncio.ensure_future(call.read(request_iterator, stream_trace))
         try:
@@ -90,6 +92,7 @@ class _Call:
         self.streams: set = set()
         self.pumps: set[asyncio.Task] = set()
         self.failed = False
+        self.lookup: identity.Lookup = lambda _key: None
 
     async def read(self, request_iterator, stream_trace) -> None:
         try:
@@ -109,6 +112,7 @@ class _Call:
     def issue(self, message: pb.ModelInferRequest, stream_trace) -> None:
         try:
             request = converters.to_request(message)
+            identity.tag(request, self.lookup)
             if self.dp.draining:
                 raise unavailable(SHUTTING_DOWN)
             if stream_trace is not None:

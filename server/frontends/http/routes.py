@@ -13,6 +13,7 @@ from urllib.parse import unquote
 from server.core.errors import ErrorCode, ServingError, invalid, unavailable
 from server.dataplane import DECOUPLED_UNARY, DataPlane
 from server.frontends.status import http_status
+from server.frontends import identity
 
 from . import converters, generate
 
@@ -192,6 +193,7 @@ async def infer(dp: DataPlane, call: Call) -> Reply:
     request, fmt = converters.parse_infer(
         call.group("model"), call.group("version"), call.body, call.headers.get(HEADER_LENGTH)
     )
+    identity.tag(request, identity.http_lookup(call.headers))
     if dp.tracing_on:  # the caller's trace context (traceparent / tracestate headers)
         request.trace = dp.trace_http(call.headers)
     try:
@@ -215,6 +217,7 @@ def _generate_request(dp: DataPlane, call: Call):
         raise invalid(generate.BAD_ENCODING)
     meta = dp.model_metadata(call.group("model"), call.group("version"))
     request = generate.to_request(meta, call.group("version"), call.body)
+    identity.tag(request, identity.http_lookup(call.headers))
     if dp.tracing_on:
         request.trace = dp.trace_http(call.headers)
     return dp.stream(request)
