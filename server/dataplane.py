@@ -25,6 +25,7 @@ from server.core.types import IndexEntry, InferRequest, InferResponse, ModelMeta
 from server.protos import model_config_pb2 as mc
 from server.repository import config as configs
 from server.repository.manager import ModelVersion, RepositoryManager
+from server.shm import Binding, SharedMemoryRegistry
 from server.telemetry.stats import to_dict
 from server.telemetry.tracing import Tracing
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # extensions that really work; frontends list these in ServerMetadata
 EXTENSIONS = ["model_configuration", "statistics", "schedule_policy", "model_repository", "binary_tensor_data",
-              "trace"]
+              "trace", "system_shared_memory"]
 
 DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 
@@ -49,6 +50,7 @@ class DataPlane:
         self.started = False  # initial model loading finished
         self.draining = False
         self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
+        self.shm = SharedMemoryRegistry()  # system shared-memory regions (server/shm.py)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -163,6 +165,18 @@ class DataPlane:
                 raise invalid("unload parameter 'unload_dependents' must be a boolean")
         await self._repository.unload(name)
 
+    # -- system shared memory extension (server/shm.py) --------------------------------------
+
+    def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shm.register(name, key, offset, byte_size)
+
+    def shm_unregister(self, name: str = "") -> None:
+        self.shm.unregister(name)
+
+    def shm_status(self, name: str = "") -> list[dict]:
+        """[{name, key, offset, byte_size}] of one region or of all (sorted by name)."""
+        return self.shm.status(name)
+
     # -- trace extension ---------------------------------------------------------------------
 
     @property
@@ -194,26 +208,40 @@ class DataPlane:
             return await self._tracing.infer(self._infer, request)
         return await self._infer(request)
 
-    def _admit(self, request: InferRequest) -> tuple[ModelVersion, dict[str, np.ndarray], list[str], bool]:
+    def _admit(self, request: InferRequest) -> tuple[ModelVersion, dict[str, np.ndarray], list[str], bool,
+                                                     Binding | None]:
         if self.draining:
             raise unavailable("the server is shutting down and accepts no new requests")
         mv = self._get(request.model_name, request.model_version)
         empty_final = validation.check_parameters(request)
-        inputs = validation.check_inputs(mv.config, request)
-        outputs = validation.check_outputs(mv.config, request.outputs)
-        return mv, inputs, outputs, empty_final
+        binding = self.shm.bind(request, mv.config.name)  # shared-memory inputs become views
+        try:
+            inputs = validation.check_inputs(mv.config, request)
+            outputs = validation.check_outputs(mv.config, request.outputs)
+        except BaseException:
+            if binding is not None:
+                binding.release()
+            raise
+        return mv, inputs, outputs, empty_final, binding
 
     async def _infer(self, request: InferRequest) -> InferResponse:
-        mv, inputs, outputs, _ = self._admit(request)
-        if mv.config.decoupled:
-            raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
-        sink = UnaryResponse(asyncio.get_running_loop())
-        # no await between lookup and enqueue: a swap cannot retire this version in between
-        mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace, sink)
-        response = _render(mv, request.id, outputs, await sink.result())
-        if response.error is not None:  # an output the configuration does not allow
-            raise response.error
-        return response
+        mv, inputs, outputs, _, binding = self._admit(request)
+        try:
+            if mv.config.decoupled:
+                raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
+            sink = UnaryResponse(asyncio.get_running_loop())
+            # no await between lookup and enqueue: a swap cannot retire this version in between
+            mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace,
+                                sink)
+            response = _render(mv, request.id, outputs, await sink.result())
+            if response.error is not None:  # an output the configuration does not allow
+                raise response.error
+            if binding is not None:
+                response.outputs = binding.write(response.outputs)
+            return response
+        finally:
+            if binding is not None:  # the regions may be unmapped now (when they were unregistered)
+                binding.release()
 
     def stream(self, request: InferRequest) -> ResponseStream:
         """Start a request on any model; iterate the returned stream for its responses (each with
@@ -223,12 +251,21 @@ class DataPlane:
         if request.trace is not None:
             token = self._tracing.begin(request)
         try:
-            mv, inputs, outputs, empty_final = self._admit(request)
+            mv, inputs, outputs, empty_final, binding = self._admit(request)
             loop = asyncio.get_running_loop()
-            stream = ResponseStream(loop, mv.config.decoupled, lambda item: _render(mv, request.id, outputs, item))
+            render = lambda item: _render(mv, request.id, outputs, item)  # noqa: E731
+            stream = ResponseStream(loop, mv.config.decoupled, render if binding is None else
+                                    _writing_to_shm(render, binding))
             stream.empty_final = empty_final
-            mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline,
-                                request.trace, stream)
+            try:
+                mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline,
+                                    request.trace, stream)
+            except BaseException:
+                if binding is not None:
+                    binding.release()
+                raise
+            if binding is not None:
+                stream.on_cancel(binding.release)
             if request.trace is not None:
                 _end_span_on_final(self._tracing, request, token, stream, str(mv.version))
         except ServingError as exc:
@@ -236,6 +273,25 @@ class DataPlane:
                 self._tracing.end(request, token, exc.code.name, exc.message)
             raise
         return stream
+
+
+def _writing_to_shm(render: Any, binding: Binding) -> Any:
+    """A stream's renderer that writes shared-memory outputs in place and lets the regions go after
+    the final response (a cancelled stream lets them go when it is cancelled)."""
+
+    def write(item: Item) -> InferResponse:
+        response = render(item)
+        try:
+            if response.error is None:
+                response.outputs = binding.write(response.outputs)
+        except ServingError as exc:
+            response.error, response.outputs = exc, []
+        finally:
+            if response.final:
+                binding.release()
+        return response
+
+    return write
 
 
 def _end_span_on_final(tracing: Tracing, request: InferRequest, token: Any, stream: ResponseStream,
