@@ -12,6 +12,7 @@ import time
 
 from server.core.errors import ServingError
 from server.dataplane import DataPlane
+from server.ensemble import EnsembleServing
 from server.frontends.grpc.server import GrpcFrontend
 from server.frontends.http.server import HttpFrontend
 from server.repository import single
@@ -44,7 +45,9 @@ class App:
             raise SystemExit(f"inferd: {exc.message}") from None
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
         self.tracing = Tracing.from_flags(settings.trace_config)
-        self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics), self.tracing)
+        serving = EnsembleServing(ServingFactory(self.metrics))  # ensembles run their steps (server/ensemble.py)
+        self.repository = RepositoryManager(repositories, options, serving, self.tracing)
+        serving.repository = self.repository
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
                                    settings.strict_readiness)
@@ -83,6 +86,8 @@ class App:
         else:
             names = list(models)
         for name in names:
+            if self.repository.ready_versions(name):  # loaded already, as an ensemble's composing model
+                continue
             try:
                 await self.repository.load(name)
             except Exception as exc:  # noqa: BLE001 - reported in the index and the log; the others keep loading

@@ -86,7 +86,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """Raises NOT_FOUND / UNAVAILABLE for an unknown or unavailable model (REST answers 400 then)."""
-        return self._get(name, version).state == "READY"
+        mv = self._get(name, version)
+        return mv.state == "READY" and mv.scheduler.ready()
 
     def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
         """The effective configuration document (the ModelConfig message)."""
@@ -123,7 +124,19 @@ class DataPlane:
     # -- model control -----------------------------------------------------------------------
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        return [IndexEntry(*row) for row in self._repository.index(ready_only)]
+        rows = [IndexEntry(*row) for row in self._repository.index(ready_only)]
+        return [row for row in map(self._composed, rows) if not ready_only or row.state == "READY"]
+
+    def _composed(self, row: IndexEntry) -> IndexEntry:
+        """An ensemble serves only while its composing models do: its row says which one does not."""
+        if row.state != "READY":
+            return row
+        try:
+            scheduler = self._get(row.name, row.version).scheduler
+        except ServingError:
+            return row
+        reason = scheduler.not_ready_reason() if hasattr(scheduler, "not_ready_reason") else ""
+        return IndexEntry(row.name, row.version, "UNAVAILABLE", reason) if reason else row
 
     def _check_control(self) -> None:
         if self.control_mode != "explicit":

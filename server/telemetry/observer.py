@@ -74,6 +74,9 @@ class ModelObserver:
         end = time.perf_counter_ns()
         total = end - request.arrived_ns
         queued = (request.started_ns or end) - request.arrived_ns
+        times = getattr(request.sink, "times", None)
+        if times is not None:  # an ensemble step's sink: the ensemble sums its steps' queue and compute
+            times.append((queued, total - queued))
         if error is None:
             self.stats.record_success(total, queued)
         else:
