@@ -254,6 +254,7 @@ class DataPlane:
             return response
         finally:
             if binding is not None:  # the regions may be unmapped now (when they were unregistered)
+                inputs = {}  # noqa: F841 - drops this frame's views of them first
                 binding.release()
 
     def stream(self, request: InferRequest) -> ResponseStream:

@@ -20,6 +20,8 @@ optionally with leading slashes (``/my_key``); anything that would leave /dev/sh
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import mmap
 import os
@@ -130,18 +132,20 @@ class Region:
         start = self._base + offset
         self._write[start:start + len(data)] = data
 
-    def close(self) -> None:
-        """Unmap (once no request uses it). A mapping an array still views is freed with that array."""
+    def close(self) -> bool:
+        """Unmap (once no request uses it); False while an array still views the mapping (it stays
+        mapped then: memory is never freed under a reader)."""
+        if self._fd is not None:
+            os.close(self._fd)  # the mappings do not need it
+            self._fd = None
+        closed = True
         for m in (self.read, self._write):
-            if m is not None:
+            if m is not None and not m.closed:
                 try:
                     m.close()
-                except BufferError:  # still exported to an array somewhere: freed with its last view
-                    pass
-        self._write = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+                except BufferError:
+                    closed = False
+        return closed
 
 
 @dataclass(slots=True)
@@ -158,6 +162,7 @@ class Binding:
     registry: "SharedMemoryRegistry"
     regions: list[Region] = field(default_factory=list)
     outputs: dict[str, Target] = field(default_factory=dict)
+    views: list[Tensor] = field(default_factory=list)  # request inputs whose data views a region
     released: bool = False
 
     def write(self, tensors: list[Tensor]) -> list[Tensor]:
@@ -185,6 +190,8 @@ class Binding:
     def release(self) -> None:
         if not self.released:
             self.released = True
+            for tensor in self.views:  # the request object may outlive this: let go of the mapping
+                tensor.data = np.empty(0, tensor.data.dtype)
             self.registry._release(self.regions)
 
 
@@ -193,6 +200,8 @@ class SharedMemoryRegistry:
 
     def __init__(self) -> None:
         self._regions: dict[str, Region] = {}
+        self._lingering: list[Region] = []  # unregistered, unused, but an array still views them
+        self._retry: asyncio.TimerHandle | None = None
 
     # -- the extension's RPCs ----------------------------------------------------------------
 
@@ -216,7 +225,7 @@ class SharedMemoryRegistry:
                 continue
             region.retired = True
             if region.users == 0:
-                region.close()
+                self._unmap(region)
             else:
                 log.info("shared memory region '%s' will be unmapped after %d in-flight request(s)",
                          n, region.users)
@@ -255,6 +264,7 @@ class SharedMemoryRegistry:
                                       f"Expected {expected}, got {size}")
                 tensor.data = dtypes.decode_raw(tensor.name, tensor.datatype, list(tensor.shape),
                                                 region.view(offset, size))
+                binding.views.append(tensor)
             for out in wanted:
                 region, offset, size = self._window(out.parameters, f"output '{out.name}'", binding)
                 binding.outputs[out.name] = Target(region, offset, size)
@@ -288,5 +298,30 @@ class SharedMemoryRegistry:
         for region in regions:
             region.users -= 1
             if region.users == 0 and region.retired:
-                region.close()
-                log.info("shared memory region '%s' unmapped (its last request finished)", region.name)
+                self._unmap(region)
+
+    def _unmap(self, region: Region, delay: float = 0.1) -> None:
+        if region.close():
+            log.info("shared memory region '%s' unmapped", region.name)
+            return
+        # a finished request's arrays may still be referenced, often from garbage that only the cycle
+        # collector frees (a response's future, a model's request objects): look again shortly
+        self._lingering.append(region)
+        if self._retry is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on the loop (tests, shutdown): freed with its last view
+                return
+            self._retry = loop.call_later(delay, self._sweep, delay)
+
+    def _sweep(self, delay: float) -> None:
+        self._retry = None
+        gc.collect()
+        lingering, self._lingering = self._lingering, []
+        for region in lingering:
+            if region.close():
+                log.info("shared memory region '%s' unmapped (its last view was freed)", region.name)
+            elif delay < 30:
+                self._unmap(region, delay * 2)
+            else:  # a live array views it: the mapping goes with that array
+                log.warning("shared memory region '%s' stays mapped while an array still views it", region.name)
