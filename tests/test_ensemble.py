@@ -267,6 +267,20 @@ def test_decoupled_last_step_streams(ens_server):
         assert "decoupled" in info.value.message()
 
 
+def test_decoupled_ensemble_on_generate_stream(ens_server):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection(ens_server.http_url, timeout=20)
+    conn.request("POST", "/v2/models/streaming/generate_stream", json.dumps({"IN": [4, 5], "DELAY": 5}))
+    answer = conn.getresponse()
+    body = answer.read().decode()
+    conn.close()
+    assert answer.status == 200, body
+    events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    assert [(e["OUT"], e["IDX"]) for e in events if "OUT" in e] in ([(4, 0), (5, 1)], [([4], [0]), ([5], [1])])
+
+
 # ---------------------------------------------------------------- tracing
 
 
