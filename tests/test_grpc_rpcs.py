@@ -60,7 +60,7 @@ def test_server_live_ready_metadata(client, stub):
     assert set(meta.extensions) <= {"model_configuration", "statistics", "schedule_policy",
                                     "model_repository", "binary_tensor_data", "classification",
                                     "sequence", "parameters", "trace", "system_shared_memory"}
-    for unsupported in ("system_shared_memory", "cuda_shared_memory", "logging"):
+    for unsupported in ("cuda_shared_memory", "logging"):  # system shared memory: tests/test_shared_memory.py
         assert unsupported not in meta.extensions
     if "model_configuration" in meta.extensions:
         assert client.get_model_config("simple").config.name == "simple"
