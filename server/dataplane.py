@@ -176,7 +176,13 @@ class DataPlane:
                 raise invalid(f"unrecognized unload parameter '{key}'")
             if not isinstance(value, bool):
                 raise invalid("unload parameter 'unload_dependents' must be a boolean")
+        composing = ({s.model_name for mv in self._repository.ready_versions(name) for s in mv.config.ensemble}
+                     if (parameters or {}).get("unload_dependents") else set())
         await self._repository.unload(name)
+        # with unload_dependents, an ensemble's step models go too, unless another ensemble still runs them
+        used = {s.model_name for mv in self._repository.ready_versions() for s in mv.config.ensemble}
+        for model in sorted(composing - used):
+            await self._repository.unload(model)
 
     # -- system shared memory extension (server/shm.py) --------------------------------------
 

@@ -347,6 +347,10 @@ def test_explicit_load_brings_composing_models_and_readiness_follows_them(repo, 
         c.load_model("ident")
         assert c.is_model_ready("pipeline")
         np.testing.assert_array_equal(c.infer("pipeline", _inputs(kind, a, a)).as_numpy("D"), a - a)
+        # unload_dependents: the ensemble's step models go with it
+        c.unload_model("pipeline", unload_dependents=True)
+        for model in ("pipeline", "add_sub", "ident", "ident_batching"):
+            assert not c.is_model_ready(model), model
 
 
 # ---------------------------------------------------------------- validation at load
