@@ -405,3 +405,28 @@ def test_cuda_shared_memory_says_why_not(client, kind):
     exc = _error(lambda: client.get_cuda_shared_memory_status())
     assert _code(kind, exc) == ("UNIMPLEMENTED" if kind == "grpc" else "501")
     assert "CUDA" in exc.message() and "system shared memory" in exc.message()
+
+
+def test_stream_infer_with_shared_memory(shm_server, regions):
+    """ModelStreamInfer: the output is written in place before its response is sent."""
+    import queue
+
+    name_in, key_in, h_in = regions(X.nbytes)
+    name_out, key_out, h_out = regions(X.nbytes)
+    shm.set_shared_memory_region(h_in, [X * 3])
+    answers: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(shm_server.grpc_url) as c:
+        c.register_system_shared_memory(name_in, key_in, X.nbytes)
+        c.register_system_shared_memory(name_out, key_out, X.nbytes)
+        c.start_stream(callback=lambda result, error: answers.put((result, error)))
+        inp = grpcclient.InferInput("INPUT0", list(X.shape), "FP32")
+        inp.set_shared_memory(name_in, X.nbytes)
+        out = grpcclient.InferRequestedOutput("OUTPUT0")
+        out.set_shared_memory(name_out, X.nbytes)
+        c.async_stream_infer("identity", [inp], outputs=[out], request_id="shm-stream")
+        result, error = answers.get(timeout=20)
+        c.stop_stream()
+        c.unregister_system_shared_memory()
+    assert error is None, error
+    assert result.get_response().raw_output_contents == [b""]
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, X.shape), X * 3)
