@@ -10,7 +10,8 @@ its responses becomes a response of the ensemble. Backends see tensors only; the
 backend and has no instances.
 
 Statistics follow Triton: the ensemble counts its requests (success, fail, inference and execution
-counts); its queue and compute times are the sums of its steps' queue and compute times. Each
+counts, batch statistics by request batch size); its compute input / infer / output times are the
+sums of its steps' (each step's batch timing), its queue time its own (it starts at once). Each
 composing model reports its own statistics as usual. When the request is traced, each step has a
 span (``ensemble step``) that parents the step's queue and batch spans.
 """
@@ -31,7 +32,7 @@ from server.core.types import InferRequest, RequestedOutput, Tensor
 from server.repository.ensemble import order
 from server.repository.manager import ModelVersion, RepositoryManager
 from server.scheduling.serving import ServingFactory
-from server.telemetry.stats import BACKEND, CANCELED, ModelStats
+from server.telemetry.stats import BACKEND, CANCELED, BatchTiming, ModelStats
 
 from . import validation
 from .dataplane import _output
@@ -40,13 +41,14 @@ log = logging.getLogger(__name__)
 
 
 class _StepSink(UnaryResponse):
-    """A non-decoupled step's sink; the composing model's observer reports (queue, compute) ns here."""
+    """A non-decoupled step's sink; the step model's observer reports the compute (input, infer,
+    output) ns of the batch that ran it here."""
 
     __slots__ = ("times",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
-        self.times: list[tuple[int, int]] = []
+        self.times: list[tuple[int, int, int]] = []
 
 
 class _StepStream(ResponseStream):
@@ -56,7 +58,7 @@ class _StepStream(ResponseStream):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop, True, lambda item: item)
-        self.times: list[tuple[int, int]] = []
+        self.times: list[tuple[int, int, int]] = []
 
 
 class EnsembleScheduler:
@@ -128,7 +130,7 @@ class EnsembleScheduler:
                    trace: Any, sink) -> None:
         start = time.perf_counter_ns()
         values: dict[str, np.ndarray] = dict(inputs)
-        times: list[tuple[int, int]] = []
+        times: list[tuple[int, int, int]] = []
         wanted = set(outputs)
         sent: set[str] = set()
 
@@ -190,7 +192,7 @@ class EnsembleScheduler:
 
     async def _step(self, index: int, mv: ModelVersion, values: dict[str, np.ndarray], request_id: str,
                     parameters: Mapping[str, object], deadline: float | None, trace: Any,
-                    times: list[tuple[int, int]], emit) -> dict[str, np.ndarray]:
+                    times: list[tuple[int, int, int]], emit) -> dict[str, np.ndarray]:
         """Run one step through its model's scheduler; returns its outputs by ensemble tensor name."""
         step = self.config.ensemble[index]
         config = mv.config
@@ -256,21 +258,15 @@ class EnsembleScheduler:
 
     # -- statistics --------------------------------------------------------------------------
 
-    def _succeeded(self, start: int, times: list[tuple[int, int]], inputs: Mapping[str, np.ndarray]) -> None:
-        stats = self.stats
-        total = time.perf_counter_ns() - start
-        queue = sum(q for q, _ in times)
-        compute = sum(c for _, c in times)
-        stats.record_success(total, queue)
-        stats.compute_input.add(0)
-        stats.compute_infer.add(compute)
-        stats.compute_output.add(0)
+    def _succeeded(self, start: int, times: list[tuple[int, int, int]], inputs: Mapping[str, np.ndarray]) -> None:
+        """As Triton: one "execution" of the request's batch size whose compute times are the sums
+        of its steps' (batch statistics included); its queue time is its own (none: it starts at once)."""
         batch = 1
         if self.config.max_batch_size > 0 and inputs:
             batch = int(next(iter(inputs.values())).shape[0])
-        stats.inference_count += batch
-        stats.execution_count += 1
-        stats.last_inference_ms = int(time.time() * 1000)
+        self.stats.record_batch(BatchTiming(batch, 1, sum(t[0] for t in times), sum(t[1] for t in times),
+                                            sum(t[2] for t in times)))
+        self.stats.record_success(time.perf_counter_ns() - start, 0)
 
     def _failed(self, start: int, reason: str) -> None:
         self.stats.record_failure(time.perf_counter_ns() - start, None, reason)

@@ -215,6 +215,8 @@ def test_statistics_for_the_ensemble_and_its_models(client, kind):
     assert grew("pipeline", "inference_stats", "success", "count") == 1
     assert grew("pipeline", "inference_stats", "success", "ns") > 0
     assert grew("pipeline", "inference_stats", "compute_infer", "ns") > 0  # the sum of its steps'
+    batch3 = [b for b in after["pipeline"].get("batch_stats", []) if _int(b["batch_size"]) == 3]
+    assert batch3 and _int(batch3[0]["compute_infer"]["count"]) >= 1
     for model in ("add_sub", "ident"):
         assert grew(model, "inference_stats", "success", "count") == 1
         assert grew(model, "inference_count") == 3

@@ -50,8 +50,13 @@ class ModelObserver:
     def batch_done(self, job: Any) -> None:
         if job.traces is not None:
             tracing.batch_spans(job, self.model)
-        if job.timing is not None:
-            self.stats.record_batch(job.timing)
+        timing = job.timing
+        if timing is not None:
+            self.stats.record_batch(timing)
+            for member in job.members:
+                times = getattr(member.sink, "times", None)
+                if times is not None:  # an ensemble step: its ensemble sums its steps' compute times
+                    times.append((timing.input_ns, timing.infer_ns, timing.output_ns))
 
     # -- responses and completion ------------------------------------------------------------
 
@@ -74,9 +79,6 @@ class ModelObserver:
         end = time.perf_counter_ns()
         total = end - request.arrived_ns
         queued = (request.started_ns or end) - request.arrived_ns
-        times = getattr(request.sink, "times", None)
-        if times is not None:  # an ensemble step's sink: the ensemble sums its steps' queue and compute
-            times.append((queued, total - queued))
         if error is None:
             self.stats.record_success(total, queued)
         else:
