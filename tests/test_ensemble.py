@@ -477,3 +477,31 @@ def test_the_example_ensemble(server):
         assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
         labels = [b"negative", b"neutral", b"positive"]
         assert [labels[i] for i in probs.argmax(axis=1)] == result.as_numpy("LABEL").ravel().tolist()
+
+
+def test_shared_memory_in_and_out_of_an_ensemble(client, kind):
+    """An ensemble's inputs can come from, and its outputs go to, system shared memory."""
+    import uuid
+
+    import tritonclient.utils.shared_memory as shm
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    tag = uuid.uuid4().hex[:8]
+    handles = [shm.create_shared_memory_region(f"{n}_{tag}", f"/ens_{n}_{tag}", 64) for n in ("a", "d")]
+    try:
+        shm.set_shared_memory_region(handles[0], [a])
+        client.register_system_shared_memory(f"a_{tag}", f"/ens_a_{tag}", 64)
+        client.register_system_shared_memory(f"d_{tag}", f"/ens_d_{tag}", 64)
+        module = MODULES[kind]
+        x = module.InferInput("A", [1, 16], "INT32")
+        x.set_shared_memory(f"a_{tag}", 64)
+        y = module.InferInput("B", [1, 16], "INT32")
+        y.set_data_from_numpy(np.ones((1, 16), dtype=np.int32))
+        out = module.InferRequestedOutput("D")
+        out.set_shared_memory(f"d_{tag}", 64)
+        client.infer("pipeline", [x, y], outputs=[out])
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(handles[1], np.int32, [1, 16]), a - 1)
+    finally:
+        client.unregister_system_shared_memory()
+        for h in handles:
+            shm.destroy_shared_memory_region(h)
