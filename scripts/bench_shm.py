@@ -49,7 +49,7 @@ class Server:
         self.grpc_port, self.http_port = free_port(), free_port()
         args = [sys.executable, "-m", "server.cli", "--model-repository", str(repo), "--host", "127.0.0.1",
                 "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-                "--metrics-port", str(free_port())]
+                "--metrics-port", str(free_port()), "--allow-client-shm=true"]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
     def wait(self) -> None:

@@ -51,6 +51,7 @@ class App:
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
                                    settings.strict_readiness)
+        self.dataplane.shm.allow_client = settings.allow_client_shm
         self.grpc: GrpcFrontend | None = None
         self.http: HttpFrontend | None = None
         self.poller: RepositoryPoller | None = None

@@ -16,6 +16,9 @@ inputs and requested outputs (``shared_memory_region``, ``shared_memory_byte_siz
 
 Keys are shared-memory object names, as ``shm_open`` takes them: one file name under /dev/shm,
 optionally with leading slashes (``/my_key``); anything that would leave /dev/shm is refused.
+As in Triton, clients may register regions only when the server runs with
+``--allow-client-shm=true`` (off by default: a region exposes whatever /dev/shm object the
+server's user can open).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ REGION, BYTE_SIZE, OFFSET = "shared_memory_region", "shared_memory_byte_size", "
 _KEYS = (REGION, BYTE_SIZE, OFFSET)
 # Triton's Python backend names its own regions so; a client may not register one (Triton refuses too)
 RESERVED_PREFIX = "triton_python_backend_shm_region_"
+# Triton's text (its --allow-client-shm defaults to false, and so does inferd's)
+DISABLED = "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
 CUDA_UNSUPPORTED = ("the cuda_shared_memory extension is not supported by this server: it runs no CUDA "
                     "runtime, so it cannot open a CUDA IPC handle (use system shared memory)")
 
@@ -198,7 +203,8 @@ class Binding:
 class SharedMemoryRegistry:
     """The registered system shared-memory regions, by name. Used on the event loop only."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow_client: bool = False) -> None:
+        self.allow_client = allow_client  # --allow-client-shm
         self._regions: dict[str, Region] = {}
         self._lingering: list[Region] = []  # unregistered, unused, but an array still views them
         self._retry: asyncio.TimerHandle | None = None
@@ -206,6 +212,8 @@ class SharedMemoryRegistry:
     # -- the extension's RPCs ----------------------------------------------------------------
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if not self.allow_client:
+            raise ServingError(ErrorCode.UNIMPLEMENTED, DISABLED)
         if not name:
             raise invalid("'region name' is necessary to register system shared memory region")
         _uint(offset, "'offset'")
@@ -217,7 +225,11 @@ class SharedMemoryRegistry:
                  name, key, offset, byte_size)
 
     def unregister(self, name: str = "") -> None:
-        """Unregister one region (an unknown name is not an error, as in Triton) or, with no name, all."""
+        """Unregister one region (an unknown name is not an error, as in Triton) or, with no name, all.
+        With client shared memory disabled, unregistering all still succeeds (nothing can be
+        registered; perf_analyzer does it at start and exit); naming a region cannot."""
+        if name and not self.allow_client:
+            raise ServingError(ErrorCode.UNIMPLEMENTED, DISABLED)
         names = [name] if name else list(self._regions)
         for n in names:
             region = self._regions.pop(n, None)

@@ -89,7 +89,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ens_server(repo, tmp_path_factory):
-    proc = ServerProcess([repo])
+    proc = ServerProcess([repo], "--allow-client-shm=true")
     proc.start(tmp_path_factory.mktemp("logs") / "inferd-ensemble.log")
     yield proc
     proc.stop()

@@ -38,7 +38,7 @@ def shm_server(tmp_path_factory):
     onnx_models.identity(repo / "identity_bytes" / "1" / "model.onnx", "BYTES", ("batch", 1))
     (repo / "identity_bytes" / "config.pbtxt").write_text("max_batch_size: 8\ninstance_group [ { count: 1 } ]\n")
     shutil.copytree(ROOT / "tests" / "triton_models" / "slow", repo / "slow")
-    proc = ServerProcess([repo])
+    proc = ServerProcess([repo], "--allow-client-shm=true")
     proc.start(tmp_path_factory.mktemp("logs") / "inferd-shm.log")
     yield proc
     proc.stop()
@@ -430,3 +430,28 @@ def test_stream_infer_with_shared_memory(shm_server, regions):
     assert error is None, error
     assert result.get_response().raw_output_contents == [b""]
     np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, X.shape), X * 3)
+
+
+def test_client_shared_memory_is_off_by_default(start_server, tmp_path, regions):
+    """Triton's default: without --allow-client-shm=true nothing can be registered (its text);
+    the extension is still listed, status answers, and unregistering all succeeds."""
+    import onnx_models
+
+    onnx_models.identity(tmp_path / "repo" / "identity" / "1" / "model.onnx", "FP32")
+    (tmp_path / "repo" / "identity" / "config.pbtxt").write_text("max_batch_size: 8\n")
+    proc = start_server([tmp_path / "repo"])
+    name, key, _ = regions(64)
+    for kind, module in MODULES.items():
+        with module.InferenceServerClient(proc.grpc_url if kind == "grpc" else proc.http_url) as c:
+            exc = _error(lambda: c.register_system_shared_memory(name, key, 64))
+            assert _code(kind, exc) == ("UNIMPLEMENTED" if kind == "grpc" else "501")
+            assert "Start the server with '--allow-client-shm=true' to enable" in exc.message()
+            exc = _error(lambda: c.unregister_system_shared_memory(name))
+            assert "--allow-client-shm=true" in exc.message()
+            c.unregister_system_shared_memory()
+            status = c.get_system_shared_memory_status()
+            assert (len(status.regions) if kind == "grpc" else len(status)) == 0
+            inp = _input(kind, "INPUT0", X.shape)
+            inp.set_shared_memory(name, X.nbytes)
+            exc = _error(lambda: c.infer("identity", [inp]))
+            assert "Unable to find shared memory region" in exc.message()
