@@ -505,3 +505,29 @@ def test_shared_memory_in_and_out_of_an_ensemble(client, kind):
         client.unregister_system_shared_memory()
         for h in handles:
             shm.destroy_shared_memory_region(h)
+
+
+def test_concurrent_loads_of_a_cycle_of_ensembles_fail_and_do_not_hang(repo, start_server, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "ident", root / "ident")
+    for name in ("ens_cycle_a", "ens_cycle_b"):
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(BAD[name][0])
+    proc = start_server([root], "--model-control-mode", "explicit")
+    errors: dict[str, str] = {}
+
+    def load(name: str) -> None:
+        with grpcclient.InferenceServerClient(proc.grpc_url) as c:
+            try:
+                c.load_model(name)
+            except InferenceServerException as exc:
+                errors[name] = exc.message()
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in ("ens_cycle_a", "ens_cycle_b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a load hung"
+    assert set(errors) == {"ens_cycle_a", "ens_cycle_b"}
+    assert all("a cycle of ensembles" in m for m in errors.values()), errors

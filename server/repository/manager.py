@@ -25,7 +25,7 @@ from server.scheduling.serving import ServingFactory
 from server.telemetry.stats import ModelStats
 from server.telemetry.tracing import Tracing, model_span
 
-from . import ensemble, layout
+from . import ensemble, layout, pbtxt
 from .fingerprint import ModelPrint, model_print
 from .loader import LoadOptions, LoadResult, load_model, remove_override, write_override
 
@@ -220,6 +220,10 @@ class RepositoryManager:
         """Load the composing models that do not serve yet, then check the steps against them."""
         config = result.config
         chain = ensembles | {config.name}
+        cycle = self._ensemble_cycle(config.name, ensemble.composing_models(config))
+        if cycle:  # found on disk before any lock is taken: two such loads at once cannot deadlock
+            raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                               f"ensemble '{config.name}': a cycle of ensembles: {' -> '.join(cycle)}")
         for model in ensemble.composing_models(config):
             if model in chain:
                 raise ServingError(ErrorCode.FAILED_PRECONDITION,
@@ -245,6 +249,28 @@ class RepositoryManager:
             # a decoupled step streams: so does the ensemble (ModelInfer refuses it, as for any such model)
             result.config = dataclasses.replace(config, decoupled=True)
             result.proto.model_transaction_policy.decoupled = True
+
+    def _ensemble_cycle(self, name: str, steps: list[str]) -> list[str]:
+        """A path of ensembles (by their config.pbtxt on disk) from ``name`` back to itself, or []."""
+        def steps_of(model: str) -> list[str]:
+            record = self._models.get(model)
+            if record is None or record.path is None:
+                return []
+            try:
+                proto, _ = pbtxt.read(record.path)
+            except ServingError:
+                return []
+            return [s.model_name for s in proto.ensemble_scheduling.step] if proto.platform == "ensemble" else []
+
+        stack, seen = [(model, [name, model]) for model in steps], set()
+        while stack:
+            model, path = stack.pop()
+            if model == name:
+                return path
+            if model not in seen:
+                seen.add(model)
+                stack.extend((nxt, path + [nxt]) for nxt in steps_of(model))
+        return []
 
     async def _run(self, fn, *args) -> LoadResult:
         """Run a load in a thread; if the caller is cancelled meanwhile, free what it produced."""
