@@ -83,7 +83,7 @@ class Region:
         path = shm_file(name, key)
         if byte_size == 0:
             raise invalid(f"failed to register shared memory region '{name}': invalid args (byte_size is 0)")
-        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # never follow a link, never wait on a fifo
         try:
             try:
                 fd = os.open(path, os.O_RDWR | flags)

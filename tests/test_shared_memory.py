@@ -455,3 +455,23 @@ def test_client_shared_memory_is_off_by_default(start_server, tmp_path, regions)
             inp.set_shared_memory(name, X.nbytes)
             exc = _error(lambda: c.infer("identity", [inp]))
             assert "Unable to find shared memory region" in exc.message()
+
+
+def test_register_refuses_links_fifos_and_folders(client, kind):
+    """A key is one shared-memory object: a symlink out of /dev/shm, a fifo or a folder is refused."""
+    import os
+
+    tag = uuid.uuid4().hex[:8]
+    made = [Path(f"/dev/shm/inferd_link_{tag}"), Path(f"/dev/shm/inferd_fifo_{tag}"), Path(f"/dev/shm/inferd_dir_{tag}")]
+    made[0].symlink_to("/etc/hostname")
+    os.mkfifo(made[1])
+    made[2].mkdir()
+    try:
+        for path in made:
+            exc = _error(lambda: client.register_system_shared_memory("bad", "/" + path.name, 4))
+            assert _code(kind, exc) == BAD_REQUEST[kind], exc.message()
+            assert "Unable to open shared memory region" in exc.message()
+    finally:
+        made[0].unlink()
+        made[1].unlink()
+        made[2].rmdir()
