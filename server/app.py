@@ -12,6 +12,7 @@ import time
 
 from server.core.errors import ServingError
 from server.dataplane import DataPlane
+from server.ensemble import EnsembleServing
 from server.frontends.grpc.server import GrpcFrontend
 from server.frontends.http.server import HttpFrontend
 from server.repository import single
@@ -53,14 +54,16 @@ class App:
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
         self.tracing = Tracing.from_flags(settings.trace_config)
         self.costs = CostBook()  # cost per request, per model, version and caller (docs/cost.md)
-        self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics, self.costs),
-                                            self.tracing)
+        serving = EnsembleServing(ServingFactory(self.metrics, self.costs))  # ensembles run their steps
+        self.repository = RepositoryManager(repositories, options, serving, self.tracing)
+        serving.repository = self.repository
         if self.metrics is not None:
             self.metrics.registry.register(self.costs)
             self.metrics.registry.register(CanaryCollector(self.repository.canary_rows))
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
                                    settings.strict_readiness)
+        self.dataplane.shm.allow_client = settings.allow_client_shm
         self.grpc: GrpcFrontend | None = None
         self.http: HttpFrontend | None = None
         self.poller: RepositoryPoller | None = None
@@ -98,6 +101,8 @@ class App:
         else:
             names = list(models)
         for name in names:
+            if self.repository.ready_versions(name):  # loaded already, as an ensemble's composing model
+                continue
             try:
                 await self.repository.load(name)
             except Exception as exc:  # noqa: BLE001 - reported in the index and the log; the others keep loading

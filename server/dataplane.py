@@ -27,6 +27,7 @@ from server.repository import canary_spec
 from server.repository import config as configs
 from server.repository.manager import ModelVersion, RepositoryManager
 from server.telemetry.cost import REQUEST_PARAMETER as COST, CostTicket
+from server.shm import Binding, SharedMemoryRegistry
 from server.telemetry.stats import to_dict
 from server.telemetry.tracing import Tracing
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # extensions that really work; frontends list these in ServerMetadata
 EXTENSIONS = ["model_configuration", "statistics", "schedule_policy", "model_repository", "binary_tensor_data",
-              "trace"]
+              "trace", "system_shared_memory"]
 
 DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 
@@ -51,6 +52,7 @@ class DataPlane:
         self.started = False  # initial model loading finished
         self.draining = False
         self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
+        self.shm = SharedMemoryRegistry()  # system shared-memory regions (server/shm.py)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -86,7 +88,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """Raises NOT_FOUND / UNAVAILABLE for an unknown or unavailable model (REST answers 400 then)."""
-        return self._get(name, version).state == "READY"
+        mv = self._get(name, version)
+        return mv.state == "READY" and mv.scheduler.ready()
 
     def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
         """The effective configuration document (the ModelConfig message)."""
@@ -127,7 +130,19 @@ class DataPlane:
     # -- model control -----------------------------------------------------------------------
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        return [IndexEntry(*row) for row in self._repository.index(ready_only)]
+        rows = [IndexEntry(*row) for row in self._repository.index(ready_only)]
+        return [row for row in map(self._composed, rows) if not ready_only or row.state == "READY"]
+
+    def _composed(self, row: IndexEntry) -> IndexEntry:
+        """An ensemble serves only while its composing models do: its row says which one does not."""
+        if row.state != "READY":
+            return row
+        try:
+            scheduler = self._get(row.name, row.version).scheduler
+        except ServingError:
+            return row
+        reason = scheduler.not_ready_reason() if hasattr(scheduler, "not_ready_reason") else ""
+        return IndexEntry(row.name, row.version, "UNAVAILABLE", reason) if reason else row
 
     def _check_control(self) -> None:
         if self.control_mode != "explicit":
@@ -176,7 +191,25 @@ class DataPlane:
                 raise invalid(f"unrecognized unload parameter '{key}'")
             if not isinstance(value, bool):
                 raise invalid("unload parameter 'unload_dependents' must be a boolean")
+        composing = ({s.model_name for mv in self._repository.ready_versions(name) for s in mv.config.ensemble}
+                     if (parameters or {}).get("unload_dependents") else set())
         await self._repository.unload(name)
+        # with unload_dependents, an ensemble's step models go too, unless another ensemble still runs them
+        used = {s.model_name for mv in self._repository.ready_versions() for s in mv.config.ensemble}
+        for model in sorted(composing - used):
+            await self._repository.unload(model)
+
+    # -- system shared memory extension (server/shm.py) --------------------------------------
+
+    def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shm.register(name, key, offset, byte_size)
+
+    def shm_unregister(self, name: str = "") -> None:
+        self.shm.unregister(name)
+
+    def shm_status(self, name: str = "") -> list[dict]:
+        """[{name, key, offset, byte_size}] of one region or of all (sorted by name)."""
+        return self.shm.status(name)
 
     # -- trace extension ---------------------------------------------------------------------
 
@@ -209,8 +242,8 @@ class DataPlane:
             return await self._tracing.infer(self._infer, request)
         return await self._infer(request)
 
-    def _admit(self, request: InferRequest
-               ) -> tuple[ModelVersion, dict[str, np.ndarray], list[str], bool, CostTicket]:
+    def _admit(self, request: InferRequest) -> tuple[ModelVersion, dict[str, np.ndarray], list[str], bool,
+                                                     CostTicket, Binding | None]:
         if self.draining:
             raise unavailable("the server is shutting down and accepts no new requests")
         # an unpinned request of a model with a canary may go to the candidate (repository/canary.py)
@@ -220,24 +253,37 @@ class DataPlane:
         if not isinstance(want, bool):
             raise invalid(f"parameter '{COST}' must be a boolean (true returns the request's cost in the "
                           f"response parameters), got {want!r}")
-        inputs = validation.check_inputs(mv.config, request)
-        outputs = validation.check_outputs(mv.config, request.outputs)
-        return mv, inputs, outputs, empty_final, CostTicket(request.caller, want)
+        binding = self.shm.bind(request, mv.config.name)  # shared-memory inputs become views
+        try:
+            inputs = validation.check_inputs(mv.config, request)
+            outputs = validation.check_outputs(mv.config, request.outputs)
+        except BaseException:
+            if binding is not None:
+                binding.release()
+            raise
+        return mv, inputs, outputs, empty_final, CostTicket(request.caller, want), binding
 
     async def _infer(self, request: InferRequest) -> InferResponse:
-        mv, inputs, outputs, _, cost = self._admit(request)
-        if mv.config.decoupled:
-            raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
-        sink = UnaryResponse(asyncio.get_running_loop())
-        # no await between lookup and enqueue: a swap cannot retire this version in between
-        mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace, sink,
-                            cost)
-        response = _render(mv, request.id, outputs, await sink.result())
-        if response.error is not None:  # an output the configuration does not allow
-            raise response.error
-        if cost.want:
-            response.parameters.update(cost.figures())
-        return response
+        mv, inputs, outputs, _, cost, binding = self._admit(request)
+        try:
+            if mv.config.decoupled:
+                raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
+            sink = UnaryResponse(asyncio.get_running_loop())
+            # no await between lookup and enqueue: a swap cannot retire this version in between
+            mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace,
+                                sink, cost)
+            response = _render(mv, request.id, outputs, await sink.result())
+            if response.error is not None:  # an output the configuration does not allow
+                raise response.error
+            if binding is not None:
+                response.outputs = binding.write(response.outputs)
+            if cost.want:
+                response.parameters.update(cost.figures())
+            return response
+        finally:
+            if binding is not None:  # the regions may be unmapped now (when they were unregistered)
+                inputs = {}  # noqa: F841 - drops this frame's views of them first
+                binding.release()
 
     def stream(self, request: InferRequest) -> ResponseStream:
         """Start a request on any model; iterate the returned stream for its responses (each with
@@ -247,13 +293,21 @@ class DataPlane:
         if request.trace is not None:
             token = self._tracing.begin(request)
         try:
-            mv, inputs, outputs, empty_final, cost = self._admit(request)
+            mv, inputs, outputs, empty_final, cost, binding = self._admit(request)
             loop = asyncio.get_running_loop()
-            stream = ResponseStream(loop, mv.config.decoupled, lambda item: _costed(
-                _render(mv, request.id, outputs, item), cost))
+            render = lambda item: _costed(_render(mv, request.id, outputs, item), cost)  # noqa: E731
+            stream = ResponseStream(loop, mv.config.decoupled, render if binding is None else
+                                    _writing_to_shm(render, binding))
             stream.empty_final = empty_final
-            mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline,
-                                request.trace, stream, cost)
+            try:
+                mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline,
+                                    request.trace, stream, cost)
+            except BaseException:
+                if binding is not None:
+                    binding.release()
+                raise
+            if binding is not None:
+                stream.on_cancel(binding.release)
             if request.trace is not None:
                 _end_span_on_final(self._tracing, request, token, stream, str(mv.version))
         except ServingError as exc:
@@ -261,6 +315,25 @@ class DataPlane:
                 self._tracing.end(request, token, exc.code.name, exc.message)
             raise
         return stream
+
+
+def _writing_to_shm(render: Any, binding: Binding) -> Any:
+    """A stream's renderer that writes shared-memory outputs in place and lets the regions go after
+    the final response (a cancelled stream lets them go when it is cancelled)."""
+
+    def write(item: Item) -> InferResponse:
+        response = render(item)
+        try:
+            if response.error is None:
+                response.outputs = binding.write(response.outputs)
+        except ServingError as exc:
+            response.error, response.outputs = exc, []
+        finally:
+            if response.final:
+                binding.release()
+        return response
+
+    return write
 
 
 def _end_span_on_final(tracing: Tracing, request: InferRequest, token: Any, stream: ResponseStream,

@@ -36,6 +36,7 @@ class Settings:
     repository_poll_secs: float = 0.0
     load_models: list[str] = field(default_factory=list)
     strict_readiness: bool = False
+    allow_client_shm: bool = False  # Triton's default: clients may not register shared memory
     exit_timeout_secs: float = 30.0
     auto_complete_config: bool = True
     default_max_batch_size: int = 4
@@ -97,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with explicit control: load this model at start ('*' for all); repeatable")
     p.add_argument("--strict-readiness", type=_bool, default=False,
                    help="server ready only when every model in the repository is ready")
+    p.add_argument("--allow-client-shm", type=_bool, default=False,
+                   help="let clients register and use system shared-memory regions (Triton's flag; default false)")
     p.add_argument("--exit-timeout-secs", type=float, default=30.0)
     p.add_argument("--disable-auto-complete-config", dest="auto_complete_config", action="store_false")
     p.add_argument("--backend-config", action="append", default=[], metavar="[BACKEND,]KEY=VALUE",
@@ -189,6 +192,7 @@ def from_args(argv: list[str] | None = None) -> Settings:
         repository_poll_secs=args.repository_poll_secs,
         load_models=args.load_models,
         strict_readiness=args.strict_readiness,
+        allow_client_shm=args.allow_client_shm,
         exit_timeout_secs=args.exit_timeout_secs,
         auto_complete_config=args.auto_complete_config,
         model_name=args.model_name,

@@ -30,7 +30,7 @@ DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "IN
 MODELS = sorted(["simple", "simple_identity", "dense", "bytes_batched", "identity_dyn", "identity_fixed"]
                 + [f"identity_{d.lower()}" for d in DATATYPES])
 EXTENSIONS = sorted(["model_configuration", "statistics", "schedule_policy", "model_repository",
-                     "binary_tensor_data", "trace"])
+                     "binary_tensor_data", "trace", "system_shared_memory"])
 
 
 @dataclass(frozen=True)

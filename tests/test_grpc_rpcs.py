@@ -59,8 +59,8 @@ def test_server_live_ready_metadata(client, stub):
     # only extensions that work are listed; each one listed is exercised here or in the conformance table
     assert set(meta.extensions) <= {"model_configuration", "statistics", "schedule_policy",
                                     "model_repository", "binary_tensor_data", "classification",
-                                    "sequence", "parameters", "trace"}
-    for unsupported in ("system_shared_memory", "cuda_shared_memory", "logging"):
+                                    "sequence", "parameters", "trace", "system_shared_memory"}
+    for unsupported in ("cuda_shared_memory", "logging"):  # system shared memory: tests/test_shared_memory.py
         assert unsupported not in meta.extensions
     if "model_configuration" in meta.extensions:
         assert client.get_model_config("simple").config.name == "simple"
@@ -214,14 +214,10 @@ def test_stream_error_message_with_plain_stubs(stub):
 
 
 @pytest.mark.parametrize("rpc, message, extension", [
-    ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest(), "system_shared_memory"),
-    ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8),
-     "system_shared_memory"),
     ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest(), "cuda_shared_memory"),
     ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(name="r", byte_size=8),
      "cuda_shared_memory"),
-    ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name="r"),
-     "system_shared_memory"),
+    ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest(name="r"), "cuda_shared_memory"),
     ("LogSettings", pb.LogSettingsRequest(), "logging"),
 ])
 def test_unimplemented_extensions(stub, rpc, message, extension):

@@ -216,9 +216,9 @@ def test_load_and_unload_in_explicit_mode(example_repo, tmp_path, start_server):
     [
         ("GET", "/v2/logging", "logging"),
         ("POST", "/v2/logging", "logging"),
-        ("GET", "/v2/systemsharedmemory/status", "system_shared_memory"),
+        ("GET", "/v2/cudasharedmemory/status", "cuda_shared_memory"),
         ("GET", "/v2/cudasharedmemory/region/r0/status", "cuda_shared_memory"),
-        ("POST", "/v2/systemsharedmemory/region/r0/register", "system_shared_memory"),
+        ("POST", "/v2/cudasharedmemory/region/r0/register", "cuda_shared_memory"),
         ("POST", "/v2/cudasharedmemory/region/r0/unregister", "no region 'r0'"),
     ],
 )
@@ -229,7 +229,7 @@ def test_unsupported_extensions_are_501(base, method, path, says):
 
 
 def test_unregister_all_shared_memory_succeeds(base, client):
-    # perf_analyzer does this at start and exit; nothing can be registered, so nothing fails
+    # perf_analyzer does this at start and exit; with nothing registered, nothing fails
     for kind in ("system", "cuda"):
         assert call(base, "POST", f"/v2/{kind}sharedmemory/unregister").status == 200
     client.unregister_system_shared_memory()

@@ -59,6 +59,17 @@ class WarmupSample:
 
 
 @dataclass(frozen=True, slots=True)
+class EnsembleStep:
+    """One step of an ensemble: run ``model_name`` (version -1: the latest ready one); ``input_map``
+    maps the model's input names to ensemble tensor names, ``output_map`` its outputs to them."""
+
+    model_name: str
+    model_version: int = -1
+    input_map: dict[str, str] = field(default_factory=dict)
+    output_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     platform: str = ""
@@ -72,6 +83,7 @@ class ModelConfig:
     default_model_filename: str = ""
     decoupled: bool = False
     warmup: tuple[WarmupSample, ...] = ()
+    ensemble: tuple[EnsembleStep, ...] = ()  # platform "ensemble": its steps, in configuration order
 
     def input(self, name: str) -> TensorConfig | None:
         for spec in self.inputs:

@@ -19,6 +19,9 @@ class Tensor:
     shape: list[int]
     data: np.ndarray
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+    # an output the server wrote into the caller's shared-memory region: the response names it but
+    # carries no data for it (gRPC: an empty raw entry; REST: neither data nor binary_data_size)
+    in_shm: bool = False
 
 
 @dataclass(slots=True)

@@ -122,9 +122,11 @@ def validate(config: mc.ModelConfig) -> None:
             if any(d < -1 or d == 0 for d in entry.dims):
                 raise _precondition(name, f"{kind} '{entry.name}' has invalid dims {list(entry.dims)}")
     db = config.dynamic_batching if config.WhichOneof("scheduling_choice") == "dynamic_batching" else None
-    if config.WhichOneof("scheduling_choice") in ("sequence_batching", "ensemble_scheduling"):
-        raise ServingError(ErrorCode.UNIMPLEMENTED,
-                           f"model '{name}': {config.WhichOneof('scheduling_choice')} is not supported yet")
+    if config.WhichOneof("scheduling_choice") == "sequence_batching":
+        raise ServingError(ErrorCode.UNIMPLEMENTED, f"model '{name}': sequence_batching is not supported yet")
+    if (config.WhichOneof("scheduling_choice") == "ensemble_scheduling") != (config.platform == "ensemble"):
+        raise _precondition(name, "ensemble_scheduling is only valid with platform \"ensemble\", and an ensemble "
+                                  "needs ensemble_scheduling { step [...] }")
     if db is not None and config.max_batch_size > 0:
         for size in db.preferred_batch_size:
             if size < 1 or size > config.max_batch_size:
@@ -212,6 +214,10 @@ def to_core(config: mc.ModelConfig, gpu_count: int) -> core.ModelConfig:
         default_model_filename=config.default_model_filename,
         decoupled=config.model_transaction_policy.decoupled,
         warmup=warmup,
+        ensemble=tuple(
+            core.EnsembleStep(step.model_name, step.model_version, dict(step.input_map), dict(step.output_map))
+            for step in config.ensemble_scheduling.step
+        ),
     )
 
 

@@ -22,7 +22,7 @@ from server.protos import model_config_pb2 as mc
 from server.telemetry.cost import process_rss
 from server.telemetry.gpu import gpu_count
 
-from . import backends, layout, pbtxt
+from . import backends, ensemble, layout, pbtxt
 from . import config as configs
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
     available = layout.versions(model_path)
     if not available:
         raise ServingError(ErrorCode.FAILED_PRECONDITION, f"model '{name}': no version folders (e.g. '{name}/1/')")
+    if proto.platform == "ensemble":
+        return _load_ensemble(proto, available, warnings, only_versions, skip)
     layout.complete_backend_fields(proto, model_path, available)
     backend_cls = backends.find(proto.backend)
     selected = layout.select(proto.version_policy, list(available))
@@ -182,6 +184,31 @@ def _file_size(path: Path) -> int:
         return path.stat().st_size if path.is_file() else 0
     except OSError:
         return 0
+
+
+def _load_ensemble(proto: mc.ModelConfig, available: dict[int, Path], warnings: list[str],
+                   only_versions: set[int] | None, skip: frozenset[int] | set[int]) -> LoadResult:
+    """An ensemble has no backend and no instances: its configuration is the whole model. The
+    graph is checked here; its steps against the composing models once they serve (manager.py)."""
+    if not proto.HasField("version_policy"):
+        proto.version_policy.latest.num_versions = 1
+    selected = layout.select(proto.version_policy, list(available))
+    if only_versions is not None:
+        selected = [v for v in selected if v in only_versions]
+    if not selected:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{proto.name}': the version policy selects none of versions {sorted(available)}")
+    if proto.instance_group:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"ensemble '{proto.name}': an ensemble has no instances; remove instance_group")
+    configs.validate(proto)
+    config = configs.to_core(proto, 0)
+    ensemble.check_graph(config)
+    result = LoadResult(proto=proto, config=config, warnings=warnings, selected=selected)
+    for version in selected:
+        if version not in skip:
+            result.loaded[version] = LoadedVersion(version, [])
+    return result
 
 
 def _autocomplete(proto: mc.ModelConfig, backend_cls: type[Backend], model_path: Path, version: int,

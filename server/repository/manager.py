@@ -11,6 +11,7 @@ keeps serving as it is instead of being loaded a second time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from server.scheduling.serving import ServingFactory
 from server.telemetry.stats import ModelStats
 from server.telemetry.tracing import Tracing, model_span
 
-from . import layout
+from . import ensemble, layout, pbtxt
 from .canary import Routing
 from .canary_control import CanaryControl
 from .fingerprint import ModelPrint, model_print
@@ -123,13 +124,15 @@ class RepositoryManager(CanaryControl):
     @model_span("load")
     async def load(self, name: str, config_override: str | None = None, files: dict[str, bytes] | None = None,
                    *, reuse: bool = False, seen: ModelPrint | None = None,
-                   canary: tuple[dict[str, str], set[str]] | None = None) -> None:
+                   canary: tuple[dict[str, str], set[str]] | None = None,
+                   ensembles: frozenset[str] = frozenset()) -> None:
         """(Re)load a model; the current versions serve until the new ones are ready.
 
         ``files`` (inline ``file:`` contents) replace the model folder for this load; ``reuse``
         keeps serving versions whose files did not change; ``seen`` is the fingerprint the caller
         decided on (the poller), recorded as what this attempt loaded. Raises ServingError when the
-        load fails; the previous serving set then stays.
+        load fails; the previous serving set then stays. An ensemble loads its composing models first
+        (``ensembles``: the ensembles whose load led here, to refuse a cycle).
         """
         if self._shut:
             raise unavailable(f"failed to load '{name}': the server is shutting down")
@@ -147,7 +150,8 @@ class RepositoryManager(CanaryControl):
             if files:
                 override = await asyncio.to_thread(write_override, name, files)
             try:
-                await self._load_locked(record, override or path, config_override, override, reuse, seen, canary)
+                await self._load_locked(record, override or path, config_override, override, reuse, seen, canary,
+                                        ensembles)
             except BaseException:
                 if override is not None and not any(mv.override == override for mv in record.serving.values()):
                     remove_override(override)
@@ -155,7 +159,8 @@ class RepositoryManager(CanaryControl):
 
     async def _load_locked(self, record: ModelRecord, source: Path, config_override: str | None,
                            override: Path | None, reuse: bool, seen: ModelPrint | None,
-                           canary: tuple[dict[str, str], set[str]] | None = None) -> None:
+                   canary: tuple[dict[str, str], set[str]] | None = None,
+                   ensembles: frozenset[str] = frozenset()) -> None:
         name = record.name
         printed = seen if seen is not None and override is None else await asyncio.to_thread(model_print, source)
         if override is None:
@@ -191,6 +196,12 @@ class RepositoryManager(CanaryControl):
         finally:
             for v in [v for v, (state, _) in record.status.items() if state == LOADING]:
                 del record.status[v]
+        if result.config is not None and result.config.platform == "ensemble":
+            try:
+                await self._prepare_ensemble(result, ensembles)
+            except ServingError as exc:
+                self._load_failed(record, exc.message)
+                raise
         if self._shut:
             await asyncio.to_thread(result.close)
             raise unavailable(f"failed to load '{name}': the server is shutting down")
@@ -214,6 +225,62 @@ class RepositoryManager(CanaryControl):
         if not record.serving:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"failed to load '{name}': {_reasons(result.failed)}")
         self._canary_apply(record, plan, canary)
+
+    async def _prepare_ensemble(self, result: LoadResult, ensembles: frozenset[str]) -> None:
+        """Load the composing models that do not serve yet, then check the steps against them."""
+        config = result.config
+        chain = ensembles | {config.name}
+        cycle = self._ensemble_cycle(config.name, ensemble.composing_models(config))
+        if cycle:  # found on disk before any lock is taken: two such loads at once cannot deadlock
+            raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                               f"ensemble '{config.name}': a cycle of ensembles: {' -> '.join(cycle)}")
+        for model in ensemble.composing_models(config):
+            if model in chain:
+                raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                                   f"ensemble '{config.name}': its step model '{model}' contains it in turn "
+                                   f"(a cycle of ensembles: {' -> '.join([*ensembles, config.name, model])})")
+            record = self._models.get(model)
+            if record is not None and record.lock.locked():  # being loaded by someone else: wait for it
+                async with record.lock:
+                    pass
+            if record is not None and record.serving:
+                continue
+            try:
+                await self.load(model, ensembles=chain)
+            except ServingError as exc:
+                raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                                   f"ensemble '{config.name}': composing model '{model}' failed to load: "
+                                   f"{exc.message}") from None
+
+        def lookup(model: str, version: int) -> core.ModelConfig:
+            return self.get(model, "" if version < 0 else str(version)).config
+
+        if ensemble.check_steps(config, lookup) and not config.decoupled:
+            # a decoupled step streams: so does the ensemble (ModelInfer refuses it, as for any such model)
+            result.config = dataclasses.replace(config, decoupled=True)
+            result.proto.model_transaction_policy.decoupled = True
+
+    def _ensemble_cycle(self, name: str, steps: list[str]) -> list[str]:
+        """A path of ensembles (by their config.pbtxt on disk) from ``name`` back to itself, or []."""
+        def steps_of(model: str) -> list[str]:
+            record = self._models.get(model)
+            if record is None or record.path is None:
+                return []
+            try:
+                proto, _ = pbtxt.read(record.path)
+            except ServingError:
+                return []
+            return [s.model_name for s in proto.ensemble_scheduling.step] if proto.platform == "ensemble" else []
+
+        stack, seen = [(model, [name, model]) for model in steps], set()
+        while stack:
+            model, path = stack.pop()
+            if model == name:
+                return path
+            if model not in seen:
+                seen.add(model)
+                stack.extend((nxt, path + [nxt]) for nxt in steps_of(model))
+        return []
 
     async def _run(self, fn, *args) -> LoadResult:
         """Run a load in a thread; if the caller is cancelled meanwhile, free what it produced."""

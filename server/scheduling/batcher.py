@@ -56,6 +56,10 @@ class Scheduler:
         self._release_seq = 0
         self._held: dict[int, Job] = {}
 
+    def ready(self) -> bool:
+        """A model's scheduler is ready while it serves (an ensemble's also asks its steps' models)."""
+        return True
+
     # -- instances ---------------------------------------------------------------------------
 
     def add_instance(self, instance: Instance) -> None:

@@ -153,6 +153,9 @@ class Instance:
                 self._loop.call_soon_threadsafe(self._on_done, self, job)
             except RuntimeError:  # loop closed during shutdown
                 return
+            # not kept while waiting for the next one: its tensors (maybe views of a client's shared
+            # memory that is waiting to be unmapped) go with its request
+            job = None
 
     def memory(self) -> int:
         """Bytes this instance holds: what its backend reports (device memory), else the RSS growth

@@ -60,6 +60,10 @@ class ModelObserver:
         if timing is not None:
             self.stats.record_batch(timing)
             cost.split(job.members, timing.input_ns + timing.infer_ns + timing.output_ns, job.memory)
+            for member in job.members:
+                times = getattr(member.sink, "times", None)
+                if times is not None:  # an ensemble step: its ensemble sums its steps' compute times
+                    times.append((timing.input_ns, timing.infer_ns, timing.output_ns))
 
     # -- responses and completion ------------------------------------------------------------
 

@@ -151,6 +151,13 @@ class RequestTrace:
         self.emitter.emit(name, _x.INTERNAL, self.trace_id, self.emitter.new_span_id(), self.trace_state,
                           self.span_id, False, attributes, start, end, status or _x.UNSET)
 
+    def sub(self, name: str, attributes: dict) -> "RequestTrace":
+        """A child span that is itself a request's span (an ensemble step): the step's queue and
+        batch spans hang from it; ``finish`` emits it."""
+        incoming = Incoming(None, None, name, _x.INTERNAL, {})
+        ids = (self.trace_id, self.emitter.new_span_id(), self.trace_state)
+        return RequestTrace(self.emitter, ids, self.span_id, False, incoming, attributes)
+
     def finish(self, status_code: str, message: str = "") -> None:
         attributes = self.attributes
         attributes["status"] = status_code

@@ -59,7 +59,11 @@ def to_request(msg: pb.ModelInferRequest, deadline: float | None = None) -> Infe
         if tensor.datatype not in dtypes.NUMPY_DTYPES:
             raise invalid(f"input '{tensor.name}' has unknown datatype '{tensor.datatype}'; expected one of "
                           f"{', '.join(dtypes.DATATYPES)}")
-        if tensor.HasField("contents"):
+        if "shared_memory_region" in tensor.parameters:  # the data plane maps it; no raw entry is consumed
+            if tensor.HasField("contents"):
+                raise invalid(f"input '{tensor.name}' has both contents and shared_memory_region; send one")
+            data = np.empty(0, dtype=dtypes.NUMPY_DTYPES[tensor.datatype])
+        elif tensor.HasField("contents"):
             data = _typed(tensor, shape)
         elif next_raw < len(raw):
             data = dtypes.decode_raw(tensor.name, tensor.datatype, shape, raw[next_raw])
@@ -87,7 +91,8 @@ def from_response(response: InferResponse) -> pb.ModelInferResponse:
                                 id=response.id)
     for tensor in response.outputs:
         out.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        out.raw_output_contents.append(dtypes.encode_raw(tensor.data, tensor.datatype))
+        # an output written to shared memory has an empty raw entry (Triton: one entry per output)
+        out.raw_output_contents.append(b"" if tensor.in_shm else dtypes.encode_raw(tensor.data, tensor.datatype))
     for key, value in response.parameters.items():
         set_param(out.parameters[key], value)
     return out

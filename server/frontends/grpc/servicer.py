@@ -16,6 +16,7 @@ import grpc
 from server.core.errors import ErrorCode, ServingError
 from server.dataplane import DataPlane
 from server.frontends import identity
+from server.shm import CUDA_UNSUPPORTED
 from server.frontends.status import grpc_status
 from server.protos import grpc_service_pb2 as pb
 from server.protos import grpc_service_pb2_grpc as pb_grpc
@@ -51,6 +52,8 @@ def rpc(method):
 
 def _unsupported(extension: str):
     async def method(self, request, context):
+        if extension == "cuda_shared_memory":
+            raise ServingError(ErrorCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
         raise ServingError(ErrorCode.UNIMPLEMENTED, f"the {extension} extension is not supported by this server")
     return method
 
@@ -166,10 +169,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.settings[key].value.extend(values)
         return response
 
-    # -- extensions not offered --------------------------------------------------------------
+    # -- system shared memory (server/shm.py); CUDA shared memory is not offered -----------
 
-    SystemSharedMemoryStatus = rpc(_unsupported("system_shared_memory"))
-    SystemSharedMemoryRegister = rpc(_unsupported("system_shared_memory"))
+    @rpc
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.dp.shm_register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.dp.shm_unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.dp.shm_status(request.name):
+            response.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
     CudaSharedMemoryStatus = rpc(_unsupported("cuda_shared_memory"))
     CudaSharedMemoryRegister = rpc(_unsupported("cuda_shared_memory"))
     LogSettings = rpc(_unsupported("logging"))
@@ -177,15 +195,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # perf_analyzer unregisters "all regions" (empty name) at start and exit: nothing is
     # registered here, so that succeeds; naming a region cannot.
     @rpc
-    async def SystemSharedMemoryUnregister(self, request, context):
-        if request.name:
-            raise ServingError(ErrorCode.UNIMPLEMENTED, "the system_shared_memory extension is not supported "
-                               f"(no region '{request.name}' can exist)")
-        return pb.SystemSharedMemoryUnregisterResponse()
-
-    @rpc
     async def CudaSharedMemoryUnregister(self, request, context):
         if request.name:
-            raise ServingError(ErrorCode.UNIMPLEMENTED, "the cuda_shared_memory extension is not supported "
-                               f"(no region '{request.name}' can exist)")
+            raise ServingError(ErrorCode.UNIMPLEMENTED, f"{CUDA_UNSUPPORTED} (no region '{request.name}' can exist)")
         return pb.CudaSharedMemoryUnregisterResponse()

@@ -243,7 +243,7 @@ def parse_infer(
             offset += size
         elif "data" in item:
             data = json_array(name, datatype, shape, item["data"])
-        else:  # shared memory: the data plane refuses it with its own message
+        else:  # shared memory: the data plane maps the region (server/shm.py)
             data = np.empty(0, dtype=dtypes.NUMPY_DTYPES[datatype])
         inputs.append(Tensor(name, datatype, shape, data, params))
     if offset != len(view):
@@ -263,6 +263,9 @@ def parse_infer(
         params = _param_dict(item.get("parameters"), f"output '{item['name']}'")
         if "binary_data" in params:
             fmt.binary[item["name"]] = _flag(params, "binary_data", f"output '{item['name']}'", False)
+            if fmt.binary[item["name"]] and "shared_memory_region" in params:
+                raise invalid(f"output '{item['name']}': Output can't set both 'shared_memory_region' and "
+                              "'binary_data'")
         outputs.append(RequestedOutput(item["name"], params))
     request = InferRequest(
         model_name=model,
@@ -316,7 +319,9 @@ def encode_infer(response: InferResponse, fmt: OutputFormat) -> tuple[bytes, lis
     blobs: list[bytes | memoryview] = []
     for tensor in response.outputs:
         entry: dict = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if fmt.is_binary(tensor.name):
+        if tensor.in_shm:  # written into the caller's shared memory: no data here (as Triton)
+            pass
+        elif fmt.is_binary(tensor.name):
             blob = raw_blob(tensor)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

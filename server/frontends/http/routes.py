@@ -14,6 +14,7 @@ from server.core.errors import ErrorCode, ServingError, invalid, unavailable
 from server.dataplane import DECOUPLED_UNARY, DataPlane
 from server.frontends.status import http_status
 from server.frontends import identity
+from server.shm import CUDA_UNSUPPORTED
 
 from . import converters, generate
 
@@ -307,32 +308,52 @@ async def trace_update(dp: DataPlane, call: Call) -> Reply:
     return ok(_trace_json(dp.trace_settings(model, changes, update=True)))
 
 
-# ---------------------------------------------------------------- extensions not offered
+# ---------------------------------------------------------------- system shared memory (server/shm.py)
 
 
-async def shm_unregister(dp: DataPlane, call: Call) -> Reply:
-    # perf_analyzer unregisters "all regions" at start and exit: nothing is registered, so that
-    # succeeds (as on gRPC); naming a region cannot
-    if call.group("region"):
-        raise ServingError(
-            ErrorCode.UNIMPLEMENTED,
-            f"the {call.group('kind')}_shared_memory extension is not "
-            f"supported (no region '{call.group('region')}' can exist)",
-        )
+async def shm_status(dp: DataPlane, call: Call) -> Reply:
+    return ok(dp.shm_status(call.group("region")))
+
+
+async def shm_register(dp: DataPlane, call: Call) -> Reply:
+    doc = _json_object(call, "shared memory register")
+    if "key" not in doc:
+        raise invalid("Shared memory register request has no 'key' field")
+    if "byte_size" not in doc:
+        raise invalid("Shared memory register request has no 'byte_size' field")
+    key = doc["key"]
+    if not isinstance(key, str):
+        raise invalid(f"'key' must be a string (the shared-memory object's name), got {key!r}")
+    dp.shm_register(call.group("region"), key, doc.get("offset", 0), doc["byte_size"])
     return ok({})
 
 
-async def shm_unsupported(dp: DataPlane, call: Call) -> Reply:
-    raise ServingError(
-        ErrorCode.UNIMPLEMENTED,
-        f"the {call.group('kind')}_shared_memory extension is not supported by this server",
-    )
+async def shm_unregister(dp: DataPlane, call: Call) -> Reply:
+    dp.shm_unregister(call.group("region"))
+    return ok({})
+
+
+# ---------------------------------------------------------------- CUDA shared memory: not offered
+
+
+async def cuda_shm_unregister(dp: DataPlane, call: Call) -> Reply:
+    # perf_analyzer unregisters "all regions" at start and exit: nothing is registered, so that
+    # succeeds (as on gRPC); naming a region cannot
+    if call.group("region"):
+        raise ServingError(ErrorCode.UNIMPLEMENTED, f"{CUDA_UNSUPPORTED} (no region '{call.group('region')}' "
+                           "can exist)")
+    return ok({})
+
+
+async def cuda_shm_unsupported(dp: DataPlane, call: Call) -> Reply:
+    raise ServingError(ErrorCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
 
 
 # ---------------------------------------------------------------- the table
 
 _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
-_SHM = r"/v2/(?P<kind>system|cuda)sharedmemory"
+_SHM = r"/v2/systemsharedmemory"
+_CUDA = r"/v2/cudasharedmemory"
 _REPO = r"/v2/repository(?:/(?P<repository>[^/]+))?"
 
 # order matters: /v2/models/stats before the model pattern (Triton does the same)
@@ -355,9 +376,12 @@ ROUTES: list[tuple[str, dict[str, Handler]]] = [
     ),
     (r"/v2/trace/setting", {"GET": trace_get, "POST": trace_update}),
     (r"/v2/logging", {"GET": unsupported("logging"), "POST": unsupported("logging")}),
-    (_SHM + r"(?:/region/(?P<region>[^/]+))?/status", {"GET": shm_unsupported}),
-    (_SHM + r"/region/(?P<region>[^/]+)/register", {"POST": shm_unsupported}),
+    (_SHM + r"(?:/region/(?P<region>[^/]+))?/status", {"GET": shm_status}),
+    (_SHM + r"/region/(?P<region>[^/]+)/register", {"POST": shm_register}),
     (_SHM + r"(?:/region/(?P<region>[^/]+))?/unregister", {"POST": shm_unregister}),
+    (_CUDA + r"(?:/region/(?P<region>[^/]+))?/status", {"GET": cuda_shm_unsupported}),
+    (_CUDA + r"/region/(?P<region>[^/]+)/register", {"POST": cuda_shm_unsupported}),
+    (_CUDA + r"(?:/region/(?P<region>[^/]+))?/unregister", {"POST": cuda_shm_unregister}),
     (_REPO + r"/index", {"POST": repository_index}),
     (_REPO + r"/models/(?P<model>[^/]+)/load", {"POST": model_load}),
     (_REPO + r"/models/(?P<model>[^/]+)/unload", {"POST": model_unload}),
