@@ -293,3 +293,28 @@ def test_backend_failure_fails_its_batch_with_internal_and_the_model_keeps_servi
     assert "negative input -5" in err.value.message()
     result = client.infer("batcher", _inputs(21))
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 4), 42))
+
+
+def test_rest_client_that_disconnects_while_queued_is_never_executed(sched):
+    """A REST client that gives up while its request waits in the queue: the request leaves the queue
+    (aiohttp cancels the handler on disconnect) and never runs; the model stays free for others."""
+    import json
+    import socket
+
+    calls = Calls(sched.grpc_url)
+    calls.send("queued", "running", 2, 800)
+    time.sleep(0.2)
+    host, port = sched.http_url.split(":")
+    body = json.dumps({"inputs": [
+        {"name": "INPUT0", "shape": [1, 4], "datatype": "INT32", "data": [7373] * 4},
+        {"name": "DELAY_MS", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}]}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v2/models/queued/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    time.sleep(0.2)  # it is queued behind the 800 ms request
+    sock.close()  # the client gives up
+    calls.collect(1)
+    time.sleep(0.5)
+    assert 7373 not in _executed(sched, "queued")
+    stats = calls.client.get_inference_statistics("queued", as_json=True)["model_stats"][0]
+    assert int(stats["inference_stats"]["fail"]["count"]) >= 1
