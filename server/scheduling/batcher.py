@@ -31,6 +31,11 @@ from .queues import DONE, QUEUED, RUNNING, Pending, Queues
 NO_RESPONSE = "model '{}' finished a request without sending a response"
 
 
+def _release(item: Pending) -> None:
+    """A finished request keeps nothing large: its timer entry may outlive it until its deadline."""
+    item.inputs = item.parameters = item.sink = None
+
+
 class Scheduler:
     def __init__(self, config: ModelConfig, observer: ModelObserver, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -159,6 +164,7 @@ class Scheduler:
         item.state = DONE  # the sink's hooks ignore it from here
         self.observer.dropped(item, error, reason)
         item.sink.finish(None, error)
+        _release(item)
         self._settle()
 
     def _settle(self) -> None:
@@ -248,6 +254,7 @@ class Scheduler:
             else:
                 self.observer.finished(p, None, "")
                 p.sink.finish(job.results[i])
+            _release(p)
         self._running -= len(job.members)
         self._settle()
 
@@ -256,7 +263,7 @@ class Scheduler:
         model's requests stay open until it sends their final)."""
         for p in job.members:
             sink = p.sink
-            if sink.closed:
+            if p.state == DONE or sink.closed:
                 continue
             if job.error is not None and not (sink.responded and not sink.decoupled):
                 sink.send(error=job.error, final=True)
@@ -283,6 +290,7 @@ class Scheduler:
             self.observer.finished(item, error or cancelled_error(), CANCELED)
         else:
             self.observer.finished(item, error, BACKEND if error is not None else "")
+        _release(item)
         self._running -= 1
         self._settle()
 
