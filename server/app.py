@@ -54,16 +54,15 @@ class App:
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
         self.tracing = Tracing.from_flags(settings.trace_config)
         self.costs = CostBook()  # cost per request, per model, version and caller (docs/cost.md)
-        serving = EnsembleServing(ServingFactory(self.metrics, self.costs))  # ensembles run their steps
+        # ensembles run their steps through the repository's other models (server/ensemble.py)
+        serving = EnsembleServing(ServingFactory(self.metrics, self.costs), lambda: self.repository)
         self.repository = RepositoryManager(repositories, options, serving, self.tracing)
-        serving.repository = self.repository
         if self.metrics is not None:
             self.metrics.registry.register(self.costs)
             self.metrics.registry.register(CanaryCollector(self.repository.canary_rows))
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
-                                   settings.strict_readiness)
-        self.dataplane.shm.allow_client = settings.allow_client_shm
+                                   settings.strict_readiness, allow_client_shm=settings.allow_client_shm)
         self.grpc: GrpcFrontend | None = None
         self.http: HttpFrontend | None = None
         self.poller: RepositoryPoller | None = None

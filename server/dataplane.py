@@ -44,7 +44,7 @@ DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transact
 
 class DataPlane:
     def __init__(self, repository: RepositoryManager, tracing: Tracing | None = None, control_mode: str = "none",
-                 strict_readiness: bool = False) -> None:
+                 strict_readiness: bool = False, allow_client_shm: bool = False) -> None:
         self._repository = repository
         self._tracing = tracing or Tracing()
         self.control_mode = control_mode
@@ -52,7 +52,8 @@ class DataPlane:
         self.started = False  # initial model loading finished
         self.draining = False
         self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
-        self.shm = SharedMemoryRegistry()  # system shared-memory regions (server/shm.py)
+        # system shared-memory regions (server/shm.py); registering needs --allow-client-shm
+        self.shm = SharedMemoryRegistry(allow_client_shm)
 
     # -- health and metadata -----------------------------------------------------------------
 

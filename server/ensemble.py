@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -276,11 +276,16 @@ class EnsembleScheduler:
 
 class EnsembleServing:
     """The repository's serving factory: an ensemble version gets an EnsembleScheduler, any other
-    model what ``inner`` builds (server/app.py binds ``repository`` once the manager exists)."""
+    model what ``inner`` builds. ``repository`` gives the manager that calls this factory (the two
+    are built together: server/app.py passes a function so neither is assigned after the fact)."""
 
-    def __init__(self, inner: ServingFactory) -> None:
+    def __init__(self, inner: ServingFactory, repository: Callable[[], RepositoryManager]) -> None:
         self.inner = inner
-        self.repository: RepositoryManager | None = None
+        self._repository = repository
+
+    @property
+    def repository(self) -> RepositoryManager | None:
+        return self._repository()
 
     def __call__(self, name: str, version: int, config: ModelConfig, backends,
                  memory=None) -> tuple[Any, ModelStats]:
