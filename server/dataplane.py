@@ -84,7 +84,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """Raises NOT_FOUND / UNAVAILABLE for an unknown or unavailable model (REST answers 400 then)."""
-        return self._get(name, version).state == "READY"
+        mv = self._get(name, version)
+        return mv.state == "READY" and not mv.scheduler.unavailable_reason()
 
     def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
         """The effective configuration document (the ModelConfig message)."""

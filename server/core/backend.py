@@ -122,6 +122,11 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError  # the instance uses the tensor path unless a backend overrides this
 
+    def health(self) -> str | None:
+        """None while this instance can serve; otherwise why it cannot (e.g. its model process keeps
+        dying). A version whose every instance reports a reason shows UNAVAILABLE with it."""
+        return None
+
     def warmup(self) -> None:
         """Backend-specific warm-up beyond the config's model_warmup samples (optional)."""
 

@@ -351,6 +351,8 @@ class RepositoryManager:
             record = self._models[name]
             versions: dict[int, tuple[str, str]] = dict(record.status)
             versions.update({v: (READY, record.error) for v in record.serving})
+            versions.update({v: (UNAVAILABLE, why) for v, mv in record.serving.items()
+                             if (why := mv.scheduler.unavailable_reason())})
             if versions:
                 for v in sorted(versions):
                     state, reason = versions[v]

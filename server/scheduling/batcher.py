@@ -63,6 +63,13 @@ class Scheduler:
         self._idle.append(instance)
         self._request_path = uses_requests(instance.backend)
 
+    def unavailable_reason(self) -> str:
+        """Why this version cannot serve although loaded ("" while it can): every instance says so."""
+        reasons = [instance.backend.health() for instance in self._instances]
+        if not reasons or not all(reasons):
+            return ""
+        return "; ".join(f"instance '{i.name}': {r}" for i, r in zip(self._instances, reasons))
+
     @property
     def on_done(self):
         """The completion callback an Instance of this scheduler calls (on the loop)."""
