@@ -41,6 +41,10 @@ class StubTimeout(Exception):
     """The model process did not answer within the time allowed."""
 
 
+class ModelFailure(ServingError):
+    """The model's code raised while executing (its process logged the traceback)."""
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "stopped answering"
@@ -122,7 +126,10 @@ class StubProcess:
         if call.dead:
             raise StubDied()
         if not call.ok:
-            raise ipc.error_from(call.payload)
+            error = ipc.error_from(call.payload[:2])
+            if len(call.payload) > 2:
+                raise ModelFailure(error.code, error.message)
+            raise error
         return call.payload
 
     def register(self, sender: Any) -> int:

@@ -45,6 +45,10 @@ class _ForwardLogs(logging.Handler):
             pass
 
 
+class _UserFailure(ServingError):
+    """The model's own code raised while executing."""
+
+
 class Stub:
     def __init__(self, channel: ipc.Channel, prefix: str) -> None:
         self.channel = channel
@@ -97,6 +101,8 @@ class Stub:
                 if handler is None:
                     raise ServingError(ErrorCode.INTERNAL, f"unknown operation {kind!r}")
                 reply = ("reply", call_id, True, handler(*args))
+            except _UserFailure as exc:  # logged here with its traceback; the server logs the headline
+                reply = ("reply", call_id, False, (*ipc.error_tuple(exc), "model"))
             except ServingError as exc:
                 reply = ("reply", call_id, False, ipc.error_tuple(exc))
             except BaseException as exc:  # noqa: BLE001 - user code: reported, never ends this process
@@ -131,8 +137,8 @@ class Stub:
         except ServingError:
             raise
         except Exception as exc:  # what the scheduler says for an in-process failure, in the same words
-            log.error("model '%s' failed to execute a batch", self.module, exc_info=exc)
-            raise ServingError(ErrorCode.INTERNAL, f"model '{self.module}' failed: {type(exc).__name__}: {exc}") \
+            log.error("model '%s': execute raised", self.module, exc_info=exc)
+            raise _UserFailure(ErrorCode.INTERNAL, f"model '{self.module}' failed: {type(exc).__name__}: {exc}") \
                 from exc
         return ipc.pack([(name, self.output_types.get(name, ""), array) for name, array in result.items()],
                         self.prefix)
@@ -152,8 +158,8 @@ class Stub:
         except ServingError:
             raise
         except Exception as exc:
-            log.error("model '%s' failed to execute %d requests", self.module, len(requests), exc_info=exc)
-            raise ServingError(ErrorCode.INTERNAL, f"model '{self.module}' failed: {type(exc).__name__}: {exc}") \
+            log.error("model '%s': execute raised", self.module, exc_info=exc)
+            raise _UserFailure(ErrorCode.INTERNAL, f"model '{self.module}' failed: {type(exc).__name__}: {exc}") \
                 from exc
 
     def _final(self, key: int) -> None:

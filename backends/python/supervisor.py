@@ -20,7 +20,7 @@ from server.core.errors import ErrorCode, ServingError
 
 from . import ipc, loading
 from .policy import EXECUTE_TIMEOUT, LOAD_TIMEOUT, Policy
-from .process import StubDied, StubProcess, StubTimeout
+from .process import ModelFailure, StubDied, StubProcess, StubTimeout
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,13 @@ class ProcessInstance:
 
     # -- calls -------------------------------------------------------------------------------
 
-    def _call(self, stub: StubProcess, kind: str, *args: Any) -> Any:
+    def _call(self, stub: StubProcess, kind: str, *args: Any, what: str = "") -> Any:
         timeout = self.policy.execute_timeout
         try:
             return stub.call(kind, *args, timeout=timeout)
+        except ModelFailure as exc:  # logged on this (the instance) thread, so it carries the trace ids
+            log.error("model '%s' failed to execute %s: %s", self.ctx.model_name, what, exc.message)
+            raise
         except StubTimeout:
             stub.kill(f"did not finish executing within {timeout:g} s ({EXECUTE_TIMEOUT}) and was killed")
             raise ServingError(ErrorCode.INTERNAL, f"{self.label}: the Python model process (pid {stub.pid}) "
@@ -170,7 +173,8 @@ class ProcessInstance:
         packed = ipc.pack([(n, self._input_types.get(n, ""), a) for n, a in inputs.items()], stub.prefix + "s")
         self._batches += 1
         try:
-            result = self._call(stub, "exec", packed, list(outputs))
+            rows = len(next(iter(inputs.values()))) if inputs and self.ctx.config.max_batch_size > 0 else 1
+            result = self._call(stub, "exec", packed, list(outputs), what=f"a batch of {rows}")
         finally:
             self._batches -= 1
             _unlink(packed)
@@ -185,7 +189,7 @@ class ProcessInstance:
                                   stub.prefix + "s")
                 segments.append(packed)
                 batch.append((stub.register(r.sender), r.id, packed, list(r.outputs), dict(r.parameters)))
-            self._call(stub, "requests", batch)
+            self._call(stub, "requests", batch, what=f"{len(requests)} requests")
         finally:
             for packed in segments:
                 _unlink(packed)
