@@ -10,8 +10,11 @@ and reads the arrays in place (numpy views over the mapping, freed when the last
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
+import math
+import logging
 import mmap
 import os
 import pickle
@@ -28,6 +31,7 @@ import numpy as np
 from server.core.dtypes import NUMPY_DTYPES, deserialize_bytes, serialize_bytes
 from server.core.errors import ErrorCode, ServingError
 
+log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<I")
 MAX_MESSAGE = 16 << 20  # control messages are small; a longer frame is a broken peer
 _ALIGN = 64
@@ -35,6 +39,7 @@ _ALIGN = 64
 _RAW_DTYPES = {dt.str: dt for name, dt in NUMPY_DTYPES.items() if name != "BYTES"}
 _counter = itertools.count()
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
+COPY_BELOW = 256 << 10  # segments up to this size are read (copied), larger ones mapped in place
 
 # one tensor in a segment: (name, datatype, dtype str or "bytes", shape, offset, nbytes)
 TensorDesc = tuple[str, str, str, list, int, int]
@@ -105,10 +110,16 @@ class Channel:
 # -- shared memory -----------------------------------------------------------------------------
 
 
+@functools.cache
 def shm_dir() -> Path:
     """/dev/shm where there is one (memory, not disk), else the temporary folder."""
     path = Path("/dev/shm")
     return path if path.is_dir() and os.access(path, os.W_OK) else Path(tempfile.gettempdir())
+
+
+@functools.cache
+def _shm_root() -> str:
+    return str(shm_dir()) + os.sep
 
 
 def new_prefix() -> str:
@@ -148,14 +159,25 @@ def pack(tensors: Iterable[tuple[str, str, np.ndarray]], prefix: str) -> Packed:
                                    "no protocol datatype")
             kind, size = data.dtype.str, data.nbytes
         parts.append((name, datatype, kind, [int(d) for d in array.shape], offset, data))
+        end = offset + size
         offset += (size + _ALIGN - 1) // _ALIGN * _ALIGN
     descs = [(n, dt, k, shape, off, len(d) if k == "bytes" else d.nbytes) for n, dt, k, shape, off, d in parts]
     if offset == 0:
         return None, descs
+    offset = end  # the file ends where the last tensor does
     name = f"{prefix}{next(_counter)}"
-    fd = os.open(shm_dir() / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.ftruncate(fd, offset)
+        _write(name, parts, offset)
+    except OSError as exc:
+        log.error("cannot write %d bytes to shared memory in %s: %s", offset, shm_dir(), exc)
+        raise ServingError(ErrorCode.UNAVAILABLE, f"cannot place {offset} bytes of tensors in shared memory: "
+                           f"{exc.strerror or exc} (a container may need a larger /dev/shm)") from None
+    return name, descs
+
+
+def _write(name: str, parts: list, size: int) -> None:
+    fd = os.open(_shm_root() + name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
         for _, _, kind, _, off, data in parts:
             # write(2), not a mapping: the kernel fills the pages in one pass, no page fault per page
             view = memoryview(data) if kind == "bytes" else memoryview(data.reshape(-1).view(np.uint8))
@@ -163,11 +185,10 @@ def pack(tensors: Iterable[tuple[str, str, np.ndarray]], prefix: str) -> Packed:
                 written = os.pwrite(fd, view, off)
                 view, off = view[written:], off + written
     except BaseException:
-        os.unlink(shm_dir() / name)
+        os.unlink(_shm_root() + name)
         raise
     finally:
         os.close(fd)
-    return name, descs
 
 
 def unpack(packed: Packed, prefix: str) -> list[tuple[str, str, np.ndarray]]:
@@ -176,17 +197,20 @@ def unpack(packed: Packed, prefix: str) -> list[tuple[str, str, np.ndarray]]:
     Every field is checked: the segment must carry ``prefix`` (a peer cannot make this side open
     another file), each tensor must lie inside it and its size must match its shape."""
     seg, descs = packed
-    mapped: mmap.mmap | None = None
+    mapped: Any = None
     size = 0
     if seg is not None:
         if not isinstance(seg, str) or not seg.startswith(prefix) or "/" in seg or seg in (".", ".."):
             raise ServingError(ErrorCode.INTERNAL, f"refused shared-memory segment name {seg!r}")
-        path = shm_dir() / seg
+        path = _shm_root() + seg
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
-            # MAP_POPULATE: map every page in one call instead of faulting them in one by one
-            mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) if size else None
+            if size <= COPY_BELOW:  # small: one read is cheaper than a mapping (and its unmapping)
+                mapped = os.pread(fd, size, 0)
+                size = len(mapped)
+            else:  # MAP_POPULATE: every page mapped in one call instead of one fault per page
+                mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
         finally:
             os.close(fd)
             os.unlink(path)
@@ -195,7 +219,7 @@ def unpack(packed: Packed, prefix: str) -> list[tuple[str, str, np.ndarray]]:
         if not all(isinstance(d, int) and d >= 0 for d in shape) or offset < 0 or nbytes < 0 \
                 or offset + nbytes > size:
             raise ServingError(ErrorCode.INTERNAL, f"tensor '{name}': its place in shared memory is out of bounds")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if kind == "bytes":
             view = memoryview(mapped)[offset:offset + nbytes] if nbytes else b""
             array = deserialize_bytes(name, view, count).reshape(shape)
@@ -206,6 +230,7 @@ def unpack(packed: Packed, prefix: str) -> list[tuple[str, str, np.ndarray]]:
                 raise ServingError(ErrorCode.INTERNAL, f"tensor '{name}': {nbytes} bytes do not hold shape {shape} "
                                    f"of {kind}")
             array = np.frombuffer(mapped, dtype, count, offset).reshape(shape) if count else np.empty(shape, dtype)
+            array.flags.writeable = False  # as in the server process: the request's bytes, read-only
         out.append((name, datatype, array))
     return out
 

@@ -175,9 +175,11 @@ class ProcessInstance:
         try:
             rows = len(next(iter(inputs.values()))) if inputs and self.ctx.config.max_batch_size > 0 else 1
             result = self._call(stub, "exec", packed, list(outputs), what=f"a batch of {rows}")
+        except BaseException:
+            _unlink(packed)  # the process may have died before it took the segment
+            raise
         finally:
             self._batches -= 1
-            _unlink(packed)
         return {name: array for name, _, array in ipc.unpack(result, stub.prefix)}
 
     def execute_requests(self, requests: Sequence[BackendRequest]) -> None:
@@ -190,9 +192,10 @@ class ProcessInstance:
                 segments.append(packed)
                 batch.append((stub.register(r.sender), r.id, packed, list(r.outputs), dict(r.parameters)))
             self._call(stub, "requests", batch, what=f"{len(requests)} requests")
-        finally:
-            for packed in segments:
+        except BaseException:
+            for packed in segments:  # the process may have died before it took them
                 _unlink(packed)
+            raise
 
     def close(self) -> None:
         with self._cond:
