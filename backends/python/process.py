@@ -82,6 +82,7 @@ class StubProcess:
         self._streams: dict[int, threading.Event] = {}  # BLS stream ask id -> cancel flag
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.dead = False
+        self.ended = threading.Event()  # set once its end was handled (requests failed, restart decided)
         self.kill_reason = ""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
@@ -100,6 +101,10 @@ class StubProcess:
         self.channel = ipc.Channel(ours, plain_only=True)
         self._reader = threading.Thread(target=self._read, name=f"inferd-stub-reader:{self.pid}", daemon=True)
         self._reader.start()
+
+    def adopt(self, label: str, services: Any, on_death: Callable[["StubProcess"], None]) -> None:
+        """Hand a process that ran auto_complete_config over to the instance that will serve in it."""
+        self.label, self._services, self._on_death = label, services, on_death
 
     # -- calls into the process --------------------------------------------------------------
 
@@ -211,6 +216,7 @@ class StubProcess:
         try:
             self._on_death(self)  # fails the open requests, decides about a restart
         finally:
+            self.ended.set()
             for call in calls.values():
                 call.dead = True
                 call.event.set()

@@ -47,7 +47,11 @@ class ProcessInstance:
         self._stub = self._spawn()
 
     def _spawn(self) -> StubProcess:
-        stub = StubProcess(self.label, self.ctx.services, self._on_death)
+        stub = _spares.take(self.ctx) if not self.api else None
+        if stub is not None:
+            stub.adopt(self.label, self.ctx.services, self._on_death)
+        else:
+            stub = StubProcess(self.label, self.ctx.services, self._on_death)
         try:
             api, decoupled = stub.call("load", dataclasses.replace(self.ctx, services=None),
                                        timeout=self.policy.load_timeout)
@@ -163,6 +167,7 @@ class ProcessInstance:
             raise
         except StubTimeout:
             stub.kill(f"did not finish executing within {timeout:g} s ({EXECUTE_TIMEOUT}) and was killed")
+            stub.ended.wait(30)  # so that the next batch waits for the restart instead of meeting the corpse
             raise ServingError(ErrorCode.INTERNAL, f"{self.label}: the Python model process (pid {stub.pid}) "
                                f"{stub.how()}; the instance is restarting") from None
         except StubDied:
@@ -215,17 +220,68 @@ def _unlink(packed: ipc.Packed) -> None:
             pass
 
 
+class _Spares:
+    """Processes that ran ``auto_complete_config``, kept a few seconds for the model's first instance,
+    which then starts in one of them instead of a new one (the in-process mode, too, completes the
+    config and loads the model in one process). One not taken in time is closed."""
+
+    KEEP_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple, StubProcess] = {}
+
+    @staticmethod
+    def _key(ctx: LoadContext) -> tuple:
+        return str(ctx.model_path), ctx.version, str(ctx.model_file)
+
+    def put(self, ctx: LoadContext, stub: StubProcess) -> None:
+        key = self._key(ctx)
+        with self._lock:
+            old, self._waiting[key] = self._waiting.get(key), stub
+        if old is not None:
+            old.close()
+        timer = threading.Timer(self.KEEP_SECONDS, self._expire, (key, stub))
+        timer.daemon = True
+        timer.start()
+
+    def take(self, ctx: LoadContext) -> StubProcess | None:
+        if ctx.instance_index != 0:
+            return None
+        with self._lock:
+            stub = self._waiting.pop(self._key(ctx), None)
+        if stub is not None and stub.dead:
+            stub.close()
+            return None
+        return stub
+
+    def _expire(self, key: tuple, stub: StubProcess) -> None:
+        with self._lock:
+            if self._waiting.get(key) is not stub:
+                return
+            del self._waiting[key]
+        stub.close()
+
+
+_spares = _Spares()
+
+
 def complete_config(ctx: LoadContext, config: dict, policy: Policy) -> dict:
-    """Run ``auto_complete_config`` in a throwaway process."""
+    """Run ``auto_complete_config`` in a process of its own (then kept for the first instance)."""
     label = f"model '{ctx.model_name}' (auto-complete)"
     stub = StubProcess(label, None, lambda _: None)
     try:
-        return stub.call("complete", dataclasses.replace(ctx, services=None), config, timeout=policy.load_timeout)
+        result = stub.call("complete", dataclasses.replace(ctx, services=None), config, timeout=policy.load_timeout)
     except StubDied:
+        stub.close()
         raise loading.precondition(ctx.model_name, f"its Python process (pid {stub.pid}) {stub.how()} while "
                                    "running auto_complete_config") from None
     except StubTimeout:
         stub.kill(f"did not finish auto_complete_config within {policy.load_timeout:g} s ({LOAD_TIMEOUT})")
-        raise loading.precondition(ctx.model_name, f"its Python process (pid {stub.pid}) {stub.how()}") from None
-    finally:
         stub.close()
+        raise loading.precondition(ctx.model_name, f"its Python process (pid {stub.pid}) {stub.how()}") from None
+    except BaseException:
+        stub.close()
+        raise
+    _spares.put(ctx, stub)
+    return result
