@@ -109,6 +109,33 @@ input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 """
+# streams until cancelled; records in a file how it learned of the cancel (is_cancelled, on_cancel)
+CANCEL_WATCH = """
+import os, threading, time
+from pathlib import Path
+import numpy as np
+import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def initialize(self, args):
+        self.log = Path(args["model_repository"]) / "cancelled.log"
+    def execute(self, requests):
+        for r in requests:
+            sender = r.get_response_sender()
+            sender._sender.on_cancel(lambda: self.note("on_cancel"))
+            threading.Thread(target=self.run, args=(sender,), daemon=True).start()
+    def note(self, what):
+        with self.log.open("a") as f:
+            f.write(what + "\\n")
+    def run(self, sender):
+        for _ in range(1000):
+            if sender.is_cancelled():
+                self.note("is_cancelled")
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([os.getpid()], np.int32))]))
+            time.sleep(0.02)
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+"""
 INIT_EXIT = """
 import os
 class TritonPythonModel:
@@ -146,6 +173,7 @@ def repo(tmp_path_factory) -> Path:
     _write(repo, "pid_inproc", _config("python", pid=True, params={"INFERD_PYTHON_ISOLATION": "in_process"}), CRASH)
     _write(repo, "stream_crash", STREAM_CONFIG, STREAM_CRASH)
     _write(repo, "bls_caller", BLS_CONFIG, BLS_CALLER)
+    _write(repo, "cancel_watch", STREAM_CONFIG, CANCEL_WATCH)
     _write(repo, "init_exit", _config("python"), INIT_EXIT)
     return repo
 
@@ -267,6 +295,23 @@ def test_a_stream_open_when_its_process_dies_gets_the_error(server):
     assert "exited with status 7" in error.message()
 
 
+def test_a_cancel_reaches_the_model_process(server, repo):
+    answers: queue.Queue = queue.Queue()
+    tensor = grpcclient.InferInput("IN", [1], "INT32")
+    tensor.set_data_from_numpy(np.array([1], np.int32))
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    c.async_stream_infer("cancel_watch", [tensor], request_id="c")
+    got = [answers.get(timeout=20) for _ in range(3)]
+    pid = int(got[0][0].as_numpy("OUT")[0])
+    assert pid != server.proc.pid  # streamed from the model's own process
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    log = repo / "cancel_watch" / "cancelled.log"
+    wait_for(lambda: log.exists() and {"on_cancel", "is_cancelled"} <= set(log.read_text().split()), 20,
+             "the model to see the cancel through is_cancelled() and on_cancel")
+
+
 def test_a_bls_caller_survives_its_callee_crashing(client):
     text = client.infer("bls_caller", _x(-1), client_timeout=60).as_numpy("TEXT")[0, 0].decode()
     assert "model 'crash_bls'" in text and "exited with status 1" in text, text
@@ -326,3 +371,48 @@ def test_model_processes_do_not_outlive_a_killed_server(repo, tmp_path):
         proc.stop()
         for path in Path("/dev/shm").glob(f"inferd-{proc.proc.pid}-*"):
             path.unlink()
+
+
+# ---------------------------------------------------------------- the channel refuses what it must
+
+
+def test_the_server_reads_only_plain_data_from_a_model_process():
+    import pickle
+    import socket
+
+    from backends.python import ipc
+
+    ours, theirs = socket.socketpair()
+    server_side = ipc.Channel(ours, plain_only=True)
+    model_side = ipc.Channel(theirs, plain_only=False)
+    model_side.send(("log", 20, "x", "fine", [1, 2.5, None, {"k": b"v"}]))
+    assert server_side.recv() == ("log", 20, "x", "fine", [1, 2.5, None, {"k": b"v"}])
+    model_side.send(("log", Path("/etc/passwd")))  # a class instance: refused, never constructed
+    with pytest.raises(pickle.UnpicklingError, match="plain data only"):
+        server_side.recv()
+    server_side.close()
+    model_side.close()
+
+
+def test_a_segment_name_outside_the_process_prefix_is_refused(tmp_path):
+    from server.core.errors import ServingError
+
+    from backends.python import ipc
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    packed = ipc.pack([("X", "FP32", x)], "inferd-test-a-")
+    try:
+        with pytest.raises(ServingError, match="refused shared-memory segment name"):
+            ipc.unpack(packed, "inferd-test-b-")  # another process's segment
+        with pytest.raises(ServingError, match="refused"):
+            ipc.unpack(("../../etc/passwd", packed[1]), "inferd-test-a-")
+        bad = (packed[0], [("X", "FP32", "<f4", [2, 3], 0, 10 ** 9)])  # claims more than the segment holds
+        with pytest.raises(ServingError, match="out of bounds"):
+            ipc.unpack(bad, "inferd-test-a-")
+    finally:
+        ipc.remove_segments("inferd-test-a-")
+    packed = ipc.pack([("X", "FP32", x), ("B", "BYTES", np.array([b"a", b"\xff"], dtype=object))], "inferd-test-c-")
+    (_, _, got), (_, _, text) = ipc.unpack(packed, "inferd-test-c-")
+    np.testing.assert_array_equal(got, x)
+    assert text.tolist() == [b"a", b"\xff"] and not got.flags.writeable
+    assert ipc.segments("inferd-test-c-") == []  # the reader unlinked it at once
