@@ -338,6 +338,7 @@ def test_exit_in_initialize_fails_only_that_load(client, server):
     with pytest.raises(InferenceServerException) as error:
         client.load_model("init_exit")
     assert "exited with status 3 while loading" in error.value.message(), error.value.message()
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"  # the repository's answer to any failed load
     state, reason = index(client)[("init_exit", "1")]
     assert state == "UNAVAILABLE" and "exited with status 3 while loading" in reason, reason
     assert client.is_server_live()

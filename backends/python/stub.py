@@ -88,6 +88,11 @@ class Stub:
         self.services.asking.fail_all()
         ipc.remove_segments(self.prefix)
         logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):  # what the model printed reaches the server's output
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
         os._exit(status)
 
     # -- worker ------------------------------------------------------------------------------
