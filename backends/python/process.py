@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from server.core.errors import ErrorCode, ServingError
 from server.core.types import InferRequest, InferResponse, RequestedOutput, Tensor
@@ -143,6 +143,11 @@ class StubProcess:
         self.senders[key] = sender
         sender.on_cancel(lambda: self._cancel(key))
         return key
+
+    def forget(self, keys: Iterable[int]) -> None:
+        """Stop routing responses to these requests (the scheduler answers them from here on)."""
+        for key in keys:
+            self.senders.pop(key, None)
 
     def _cancel(self, key: int) -> None:
         if key in self.senders and not self.dead:

@@ -198,6 +198,11 @@ class RemoteSender:
     def closed(self) -> bool:
         return self._closed
 
+    def close(self) -> None:
+        """The server ended this request itself (its batch failed, or a default-mode batch returned)."""
+        with self._lock:
+            self._closed = True
+
     def is_cancelled(self) -> bool:
         return self._cancelled
 

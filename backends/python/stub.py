@@ -150,6 +150,22 @@ class Stub:
 
     def _op_requests(self, batch: list) -> None:
         requests = []
+        keys = [item[0] for item in batch]
+        try:
+            self._execute_requests(batch, requests)
+        except BaseException:
+            self._forget(keys)  # the server fails what has no final yet: later sends are refused
+            raise
+        if not self.decoupled:  # the server closed every request of the batch when execute returned
+            self._forget(keys)
+
+    def _forget(self, keys: list[int]) -> None:
+        for key in keys:
+            sender = self.senders.pop(key, None)
+            if sender is not None:
+                sender.close()
+
+    def _execute_requests(self, batch: list, requests: list) -> None:
         for key, request_id, packed, outputs, parameters in batch:
             sender = RemoteSender(self.channel, key, self.decoupled, self.prefix, self._final)
             self.senders[key] = sender

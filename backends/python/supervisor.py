@@ -200,7 +200,10 @@ class ProcessInstance:
         except BaseException:
             for packed in segments:  # the process may have died before it took them
                 _unlink(packed)
+            stub.forget(item[0] for item in batch)  # the scheduler fails what has no final yet
             raise
+        if not self.decoupled:  # every response came before the reply; the scheduler closes the rest
+            stub.forget(item[0] for item in batch)
 
     def close(self) -> None:
         with self._cond:
