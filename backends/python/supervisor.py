@@ -123,10 +123,11 @@ class ProcessInstance:
                     return
             try:
                 stub = self._spawn()
-            except ServingError as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed start counts as a death; never ends this loop
                 with self._cond:
                     left_down = self._count_death()
-                log.error("%s: restarting it failed: %s; %s", self.label, exc.message,
+                reason = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+                log.error("%s: restarting it failed: %s; %s", self.label, reason,
                           self.unavailable if left_down else "trying again")
                 if left_down:
                     return
