@@ -136,6 +136,24 @@ class TritonPythonModel:
             time.sleep(0.02)
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 """
+# BLS to a decoupled model, stopping after two responses: the callee's request must be cancelled
+BLS_EARLY = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            call = pb_utils.InferenceRequest(model_name="ticker", requested_output_names=["OUT"],
+                                             inputs=[pb_utils.Tensor("IN", np.array([1], np.int32))])
+            pids = []
+            for reply in call.exec(decoupled=True):
+                pids.append(int(pb_utils.get_output_tensor_by_name(reply, "OUT").as_numpy()[0]))
+                if len(pids) == 2:
+                    break
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("TEXT", np.array([[str(pids)]], dtype=object))]))
+        return out
+"""
 INIT_EXIT = """
 import os
 class TritonPythonModel:
@@ -174,6 +192,9 @@ def repo(tmp_path_factory) -> Path:
     _write(repo, "stream_crash", STREAM_CONFIG, STREAM_CRASH)
     _write(repo, "bls_caller", BLS_CONFIG, BLS_CALLER)
     _write(repo, "cancel_watch", STREAM_CONFIG, CANCEL_WATCH)
+    # a burst first: responses are queued in the caller's process when it stops reading
+    _write(repo, "ticker", STREAM_CONFIG, CANCEL_WATCH.replace("time.sleep(0.02)", "time.sleep(0 if _ < 50 else 0.02)"))
+    _write(repo, "bls_early", BLS_CONFIG, BLS_EARLY)
     _write(repo, "init_exit", _config("python"), INIT_EXIT)
     return repo
 
@@ -316,6 +337,14 @@ def test_a_bls_caller_survives_its_callee_crashing(client):
     text = client.infer("bls_caller", _x(-1), client_timeout=60).as_numpy("TEXT")[0, 0].decode()
     assert "model 'crash_bls'" in text and "exited with status 1" in text, text
     assert client.infer("bls_caller", _x(5), client_timeout=60).as_numpy("TEXT")[0, 0] == b"ok"
+
+
+def test_a_bls_stream_stopped_early_cancels_the_callee_and_frees_its_memory(client, server, repo):
+    pids = eval(client.infer("bls_early", _x(0), client_timeout=60).as_numpy("TEXT")[0, 0].decode())
+    assert len(pids) == 2 and server.proc.pid not in pids  # the callee streamed from its own process
+    log = repo / "ticker" / "cancelled.log"
+    wait_for(lambda: log.exists() and "is_cancelled" in log.read_text(), 20, "the callee to see the cancel")
+    wait_for(lambda: _segments(server) == [], 10, "no shared-memory segment left behind")
 
 
 def test_repeated_deaths_leave_the_model_unavailable_until_reloaded(client, server):

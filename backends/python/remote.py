@@ -32,6 +32,15 @@ def response_from(desc: tuple, prefix: str) -> InferResponse:
                          ipc.error_from(error) if error else None)
 
 
+def discard(desc: Any) -> None:
+    """Unlink the segment of a response that will never be read."""
+    if isinstance(desc, tuple) and len(desc) == 7 and isinstance(desc[3], tuple) and desc[3][0]:
+        try:
+            (ipc.shm_dir() / str(desc[3][0]).replace("/", "")).unlink()
+        except FileNotFoundError:
+            pass
+
+
 class _Asking:
     """Questions to the server and their answers (one queue per question: streams get items)."""
 
@@ -63,7 +72,8 @@ class _Asking:
         """An answer or a stream item from the server (on the reader thread)."""
         kind, ask_id = message[0], message[1]
         answers = self._open.get(ask_id)
-        if answers is None:
+        if answers is None:  # asked and no longer waited for (a stream stopped early)
+            discard(message[2] if kind == "item" else message[3] if message[2] else None)
             return
         if kind == "item":
             answers.put(("item", True, message[2]))
@@ -71,12 +81,15 @@ class _Asking:
             self._open.pop(ask_id, None)
             answers.put(("answer", message[2], message[3]))
 
-    def cancel(self, ask_id: int) -> None:
+    def cancel(self, ask_id: int, answers: queue.SimpleQueue) -> None:
         if self._open.pop(ask_id, None) is not None:
             try:
                 self._channel.send(("ask_cancel", ask_id))
             except ipc.PeerGone:
                 pass
+        while not answers.empty():  # responses that came and will not be read: free their segments
+            kind, ok, payload = answers.get()
+            discard(payload if ok else None)
 
     def fail_all(self) -> None:
         for ask_id in list(self._open):
@@ -111,7 +124,7 @@ class RemoteServices:
                 return
         finally:
             if not ended:  # the model stopped iterating early: cancel the request in the server
-                self.asking.cancel(ask_id)
+                self.asking.cancel(ask_id, answers)
 
     def metric_family(self, name: str, description: str, kind: str, buckets: Sequence[float] | None = None) -> Any:
         return _Family(self.asking, self.asking.ask("family", str(name), str(description), str(kind)))
