@@ -288,6 +288,10 @@ def test_custom_check_from_model_py(tmp_path, start_server):
     _py_version(root, "c", 1)
     (root / "c" / "2").mkdir()
     (root / "c" / "2" / "model.py").write_text(_CHECKED_MODEL)
+    # the custom check calls into the model object: in the server process (docs/canary.md)
+    config = root / "c" / "config.pbtxt"
+    config.write_text(config.read_text() + 'parameters { key: "INFERD_PYTHON_ISOLATION" value: { string_value: '
+                      '"in_process" } }\n')
     proc = start_server([root], "--model-control-mode=explicit", "--load-model=c")
     client = grpcclient.InferenceServerClient(proc.grpc_url)
     load = _Load(proc.grpc_url, "c")

@@ -10,22 +10,29 @@ Two APIs, told apart by ``execute``'s signature (or forced by the config paramet
 - The shortcut: ``execute(self, inputs)`` with a dict of batch arrays, returning a dict
   (dict_model.py). Runs on the tensor path.
 
-Models run inside the server process, one object per instance, each called from its own thread:
-an exception fails only the batch it was raised for.
+Where it runs (config.pbtxt parameter ``INFERD_PYTHON_ISOLATION``, default from the environment
+variable of the same name, else ``process``; see docs/python_models.md):
+
+- ``process``: each instance in a process of its own (isolated.py, supervisor.py, stub.py), tensors
+  through shared memory; a crash or hang ends only that instance's in-flight requests and the
+  process is restarted.
+- ``in_process``: inside the server, one object per instance, each called from its own thread (the
+  classes below): faster per batch, but user code that ends the process ends the server.
+
+Either way an exception fails only the batch it was raised for.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 import numpy as np
 
 from server.core.backend import Backend, BackendRequest, LoadContext
 
-from . import loading, pb_utils, runtime
-from .dict_model import DictModel, config_dict
-from .triton_model import TritonModel, triton_args
+from . import loading, policy, runner, runtime
+from .dict_model import DictModel
+from .triton_model import TritonModel
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +47,11 @@ class PythonBackend(Backend):
     @classmethod
     def complete_config(cls, ctx: LoadContext, config: dict) -> dict:
         """Triton's ``auto_complete_config(pb_utils.ModelConfig)`` hook, when the model has one."""
-        module_name, module = loading.import_model(ctx)
-        try:
-            model_cls = loading.model_class(ctx, module)
-            hook = getattr(model_cls, "auto_complete_config", None)
-            if not callable(hook):
-                return config
-            try:
-                result = hook(pb_utils.ModelConfig(copy.deepcopy(config)))
-            except BaseException as exc:
-                raise loading.precondition(ctx.model_name, f"auto_complete_config raised {type(exc).__name__}: "
-                                                           f"{exc}") from exc
-            if not isinstance(result, pb_utils.ModelConfig):
-                raise loading.precondition(ctx.model_name, "auto_complete_config must return the "
-                                                           "pb_utils.ModelConfig it received")
-            return result.as_dict()
-        finally:
-            loading.drop(module_name)
+        if policy.isolation(ctx.model_name, ctx.config.parameters) == "process":
+            from . import supervisor
+
+            return supervisor.complete_config(ctx, config, policy.policy(ctx.model_name, ctx.config.parameters))
+        return runner.auto_complete(ctx, config)
 
     @classmethod
     def load(cls, ctx: LoadContext) -> Backend:
@@ -65,19 +60,16 @@ class PythonBackend(Backend):
             raise loading.precondition(ctx.model_name, "a python model's config.pbtxt must list its inputs and "
                                                        "outputs (or its model must complete them in "
                                                        "auto_complete_config)")
+        parameters = ctx.config.parameters
+        if policy.isolation(ctx.model_name, parameters) == "process":
+            from . import isolated
+
+            return isolated.load(ctx, policy.policy(ctx.model_name, parameters))
         runtime.install(ctx.services)
-        module_name, module = loading.import_model(ctx)
-        try:
-            model_cls = loading.model_class(ctx, module)
-            if loading.speaks_dict_api(ctx, model_cls):
-                model = loading.instantiate(ctx, model_cls, config_dict(ctx))
-                return cls(module_name, DictModel(ctx, model))
-            config_json = ctx.extra.get("model_config") or config_dict(ctx)
-            model = loading.instantiate(ctx, model_cls, triton_args(ctx, config_json))
-            return TritonPythonBackend(module_name, TritonModel(ctx, model, ctx.config.decoupled))
-        except BaseException:
-            loading.drop(module_name)
-            raise
+        module_name, model = runner.create(ctx)
+        if isinstance(model, DictModel):
+            return cls(module_name, model)
+        return TritonPythonBackend(module_name, model)
 
     def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         return self._model.execute(inputs, outputs)

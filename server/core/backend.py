@@ -135,6 +135,11 @@ class Backend(abc.ABC):
         its process's RSS measured while the instance loaded (docs/cost.md)."""
         return None
 
+    def health(self) -> str | None:
+        """None while this instance can serve; otherwise why it cannot (e.g. its model process keeps
+        dying). A version whose every instance reports a reason shows UNAVAILABLE with it."""
+        return None
+
     def warmup(self) -> None:
         """Backend-specific warm-up beyond the config's model_warmup samples (optional)."""
 

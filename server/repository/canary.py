@@ -141,7 +141,8 @@ class Routing:
         if spec.custom_check and spec.candidate in serving and not (self._offers and self._offers(spec.candidate)):
             raise ServingError(ErrorCode.FAILED_PRECONDITION,
                                f"model '{self.model}': 'canary_custom_check' is on, but version {spec.candidate}'s "
-                               "model offers no canary_check(stats) method (a Python model's TritonPythonModel)")
+                               "model offers no canary_check(stats) method (a Python model's TritonPythonModel, in the "
+                               "'in_process' isolation mode)")
         if stable is None or stable not in serving or spec.candidate not in serving:
             raise ServingError(ErrorCode.FAILED_PRECONDITION,
                                f"model '{self.model}': the canary needs versions {spec.candidate} (candidate) and "

@@ -144,6 +144,8 @@ class Registry:
             versions: dict[int, tuple[str, str]] = dict(record.status)
             note = record.routing.note if record.routing is not None else lambda v: ""
             versions.update({v: (READY, record.error or note(v)) for v in record.serving})
+            versions.update({v: (UNAVAILABLE, why) for v, mv in record.serving.items()
+                             if (why := getattr(mv.scheduler, "unavailable_reason", lambda: "")())})
             if versions:
                 for v in sorted(versions):
                     state, reason = versions[v]

@@ -62,8 +62,9 @@ class Scheduler:
         self._held: dict[int, Job] = {}
 
     def ready(self) -> bool:
-        """A model's scheduler is ready while it serves (an ensemble's also asks its steps' models)."""
-        return True
+        """A model's scheduler is ready while it serves and some instance can run (an ensemble's also
+        asks its steps' models)."""
+        return not self.unavailable_reason()
 
     # -- instances ---------------------------------------------------------------------------
 
@@ -71,6 +72,13 @@ class Scheduler:
         self._instances.append(instance)
         self._idle.append(instance)
         self._request_path = uses_requests(instance.backend)
+
+    def unavailable_reason(self) -> str:
+        """Why this version cannot serve although loaded ("" while it can): every instance says so."""
+        reasons = [instance.backend.health() for instance in self._instances]
+        if not reasons or not all(reasons):
+            return ""
+        return "; ".join(f"instance '{i.name}': {r}" for i, r in zip(self._instances, reasons))
 
     @property
     def backends(self) -> list:
