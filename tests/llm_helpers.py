@@ -1,0 +1,69 @@
+"""Small language models for the llm tests, built in-process (seeded, nothing downloaded)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+from tests.harness import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_llm  # noqa: E402
+
+
+def tokenizer():
+    return build_llm.build_tokenizer(build_llm.documents(build_llm.CORPUS.read_text(encoding="utf-8")))
+
+
+def random_model(tok, dtype=None, seed: int = 0, n_positions: int = 256):
+    """An untrained GPT-2 (2 layers, 64 wide): cheap, deterministic, and with sharp enough logits
+    (init std raised) that greedy choices are far from ties."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    eos = tok.eos_token_id
+    config = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, initializer_range=0.2)
+    model = GPT2LMHeadModel(config).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def save_model_folder(folder: Path, n_positions: int = 256) -> Path:
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer files) of the random model."""
+    tok = tokenizer()
+    model = random_model(tok, n_positions=n_positions)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+class Collector:
+    """Consumer of one sequence's StepOutputs; ``done`` is set by the final one."""
+
+    def __init__(self) -> None:
+        self.outputs = []
+        self.done = threading.Event()
+
+    def __call__(self, output) -> None:
+        self.outputs.append(output)
+        if output.finished:
+            self.done.set()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+    @property
+    def final(self):
+        return self.outputs[-1]
+
+    def wait(self, timeout: float = 60.0):
+        assert self.done.wait(timeout), "sequence did not finish"
+        return self
