@@ -109,16 +109,23 @@ class OnnxRuntimeBackend(Backend):
         return [spec(a) for a in self._session.get_inputs()], [spec(a) for a in self._session.get_outputs()]
 
     def _feed(self, name: str, array: np.ndarray) -> np.ndarray:
+        # onnxruntime's Python API takes string tensors only as text: it str()s each object and
+        # encodes it as UTF-8 (bytes objects arrive as their repr, "S" arrays are decoded as UTF-8,
+        # and OrtValue refuses string arrays), so bytes that are not UTF-8 cannot reach the model
         if self._types.get(name) == "BYTES" and array.dtype == np.object_:
-            try:
-                return np.array([b.decode("utf-8") for b in array.reshape(-1)], dtype=np.object_).reshape(
-                    array.shape
-                )
-            except UnicodeDecodeError as exc:
-                raise invalid(
-                    f"input '{name}' holds bytes that are not UTF-8; ONNX Runtime string tensors "
-                    "must be UTF-8 text"
-                ) from exc
+            flat = array.reshape(-1)
+            texts = np.empty(flat.size, dtype=np.object_)
+            for i, item in enumerate(flat):
+                try:
+                    texts[i] = item.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise invalid(
+                        f"input '{name}' holds bytes that are not UTF-8 ({exc.reason} at byte {exc.start} of "
+                        "an element); onnxruntime's Python API carries string tensors only as UTF-8 text, so "
+                        "an ONNX model cannot take arbitrary bytes: send UTF-8 text, or serve the model with "
+                        "the python backend, which passes bytes unchanged"
+                    ) from exc
+            return texts.reshape(array.shape)
         return array
 
     def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:

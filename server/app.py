@@ -18,6 +18,8 @@ from server.repository import single
 from server.repository.loader import LoadOptions
 from server.repository.manager import RepositoryManager
 from server.repository.poller import RepositoryPoller
+from server.scheduling.serving import ServingFactory
+from server.services import LocalServices
 from server.settings import Settings
 from server.telemetry.metrics import Metrics, MetricsServer
 from server.telemetry.tracing import Tracing
@@ -28,20 +30,24 @@ log = logging.getLogger("inferd")
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # model code reaches other models and custom metrics through this (bound in start())
+        self.services = LocalServices()
         options = LoadOptions(default_max_batch_size=settings.default_max_batch_size,
-                              auto_complete=settings.auto_complete_config)
+                              auto_complete=settings.auto_complete_config, services=self.services)
         # the source is read at scrape time, so the lambda may name the repository built next
         self.metrics = (Metrics(lambda: [mv.stats for mv in self.repository.ready_versions()])
                         if settings.allow_metrics else None)
         try:  # a folder holding one model (KServe's /mnt/models) is served via a generated repository
-            repositories = single.prepare(settings.model_repositories, settings.model_name)
+            repositories = single.prepare(settings.model_repositories, settings.model_name,
+                                          layout=settings.repository_layout)
         except ServingError as exc:
             raise SystemExit(f"inferd: {exc.message}") from None
-        self.repository = RepositoryManager(repositories, options, sink=self.metrics)
-        self.metrics_server: MetricsServer | None = None
-        self.dataplane = DataPlane(self.repository, settings.model_control_mode, settings.strict_readiness)
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
-        self.tracing = self.dataplane.tracing = self.repository.tracing = Tracing.from_flags(settings.trace_config)
+        self.tracing = Tracing.from_flags(settings.trace_config)
+        self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics), self.tracing)
+        self.metrics_server: MetricsServer | None = None
+        self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
+                                   settings.strict_readiness)
         self.grpc: GrpcFrontend | None = None
         self.http: HttpFrontend | None = None
         self.poller: RepositoryPoller | None = None
@@ -50,6 +56,7 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        self.services.bind(self.dataplane, asyncio.get_running_loop(), self.metrics)
         if self.metrics is not None:
             self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port)
             await self.metrics_server.start()

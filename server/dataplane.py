@@ -1,18 +1,31 @@
-"""The data plane: the one object both frontends call. It resolves, validates, schedules, answers.
+"""The data plane: the one seam between the transports and the engine.
 
-It returns core types only; frontends translate them to their wire format.
+Frontends call it with core types and get core types back (requests, response streams, metadata,
+statistics documents, index entries); they never reach into the repository, the scheduler or
+telemetry. It resolves the model version, validates the request against its configuration,
+schedules it with a response sink, and renders what the backend produced into ``InferResponse``s
+(checked against the configuration before they leave).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any, Mapping
+
+import numpy as np
 
 from server import __version__
-from server.core.errors import ErrorCode, ServingError, unavailable
+from server.core.config import ModelConfig
+from server.core.dtypes import NUMPY_DTYPES
+from server.core.errors import ErrorCode, ServingError, invalid, unavailable
 from server.core.names import check_model_name
-from server.core.types import InferRequest, InferResponse, Tensor
+from server.core.stream import Item, ResponseStream, UnaryResponse
+from server.core.types import IndexEntry, InferRequest, InferResponse, ModelMetadata, Tensor, TensorMetadata
+from server.protos import model_config_pb2 as mc
 from server.repository import config as configs
 from server.repository.manager import ModelVersion, RepositoryManager
+from server.telemetry.stats import to_dict
 from server.telemetry.tracing import Tracing
 
 from . import validation
@@ -23,16 +36,19 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ["model_configuration", "statistics", "schedule_policy", "model_repository", "binary_tensor_data",
               "trace"]
 
+DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+
 
 class DataPlane:
-    def __init__(self, repository: RepositoryManager, control_mode: str = "none",
+    def __init__(self, repository: RepositoryManager, tracing: Tracing | None = None, control_mode: str = "none",
                  strict_readiness: bool = False) -> None:
-        self.repository = repository
+        self._repository = repository
+        self._tracing = tracing or Tracing()
         self.control_mode = control_mode
         self.strict_readiness = strict_readiness
         self.started = False  # initial model loading finished
         self.draining = False
-        self.tracing = Tracing()  # off; the app installs the configured one
+        self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -42,44 +58,70 @@ class DataPlane:
     def ready(self) -> bool:
         if not self.started or self.draining:
             return False
-        return self.repository.all_ready() if self.strict_readiness else True
+        return self._repository.all_ready() if self.strict_readiness else True
+
+    def not_ready_reason(self) -> str:
+        return ("it is shutting down" if self.draining else "models are still loading" if not self.started
+                else "not every model is ready")
 
     def metadata(self) -> dict:
         return {"name": "inferd", "version": __version__, "extensions": list(EXTENSIONS)}
 
-    def model(self, name: str, version: str = "") -> ModelVersion:
-        return self.repository.get(name, version)
+    def _get(self, name: str, version: str = "") -> ModelVersion:
+        return self._repository.get(name, version)
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        mv = self._get(name, version)
+        config = mv.config
+        lead = [-1] if config.max_batch_size > 0 else []
+        versions = [str(mv.version)] if version else [str(v.version) for v in self._repository.ready_versions(name)]
+        return ModelMetadata(
+            name=config.name, versions=versions, platform=config.platform or config.backend,
+            inputs=[TensorMetadata(s.name, s.datatype, lead + list(s.dims)) for s in config.inputs],
+            outputs=[TensorMetadata(s.name, s.datatype, lead + list(s.dims)) for s in config.outputs],
+            decoupled=config.decoupled,
+        )
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        return self.repository.get(name, version).state == "READY"
+        """Raises NOT_FOUND / UNAVAILABLE for an unknown or unavailable model (REST answers 400 then)."""
+        return self._get(name, version).state == "READY"
 
-    def model_config(self, name: str, version: str = "") -> dict:
-        """The effective configuration as Triton renders it in JSON (REST); gRPC sends ``model(...).proto``."""
-        return configs.to_json_dict(self.repository.get(name, version).proto)
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        """The effective configuration document (the ModelConfig message)."""
+        return self._get(name, version).proto
 
-    def model_versions(self, name: str, version: str = "") -> list[str]:
-        if version:
-            return [str(self.repository.get(name, version).version)]
-        self.repository.get(name)  # raises when none is ready
-        return [str(mv.version) for mv in self.repository.ready_versions(name)]
+    def model_config_json(self, name: str, version: str = "") -> dict:
+        """The same configuration as Triton renders it in JSON."""
+        return configs.to_json_dict(self._get(name, version).proto)
 
-    def statistics(self, name: str = "", version: str = "") -> list:
+    def model_names(self) -> list[str]:
+        """The names of the models with a ready version."""
+        return sorted({mv.name for mv in self._repository.ready_versions()})
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict]:
+        """The statistics extension's documents (one rendering; gRPC fills its message from it)."""
+        return [to_dict(mv.stats) for mv in self._stat_versions(name, version)]
+
+    def _stat_versions(self, name: str, version: str) -> list[ModelVersion]:
         if not name:
-            return self.repository.ready_versions()
-        if not self.repository.known(name):
+            return self._repository.ready_versions()
+        if not self._repository.known(name):
             raise ServingError(ErrorCode.NOT_FOUND, f"requested model '{name}' is not found")
         if version:
             try:
-                return [self.repository.get(name, version)]
+                return [self._get(name, version)]
             except ServingError as exc:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT,
                                    f"requested model '{name}' version {version} is not available") from exc
-        versions = self.repository.ready_versions(name)
+        versions = self._repository.ready_versions(name)
         if not versions:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"requested model '{name}' is not available")
         return versions
 
     # -- model control -----------------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        return [IndexEntry(*row) for row in self._repository.index(ready_only)]
 
     def _check_control(self) -> None:
         if self.control_mode != "explicit":
@@ -88,62 +130,171 @@ class DataPlane:
         if self.draining:
             raise unavailable("the server is shutting down and accepts no model load / unload")
 
-    async def load(self, name: str, config: str | None = None, files: dict[str, bytes] | None = None) -> None:
-        """(Re)load ``name``; ``config`` (ModelConfig JSON) replaces config.pbtxt for this load, and
-        ``files`` (``<version>/<file>`` -> bytes) replace the model folder, as Triton's parameters do."""
+    async def load(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        """(Re)load ``name``. Parameters as Triton defines them: ``config`` (ModelConfig JSON, a str)
+        replaces config.pbtxt for this load; ``file:<version>/<file>`` (bytes) replace the model folder."""
         self._check_control()
         check_model_name(name, "load")
+        config, files = None, {}
+        for key, value in (parameters or {}).items():
+            if key == "config":
+                if not isinstance(value, str):
+                    raise invalid("load parameter 'config' must be a string (the model configuration as JSON)")
+                config = value
+            elif key.startswith("file:"):
+                if not isinstance(value, bytes):
+                    raise invalid(f"load parameter '{key}' must carry bytes (the file's content)")
+                files[key[5:]] = value
+            else:
+                raise invalid(f"unrecognized load parameter '{key}'")
         if files and config is None:
             raise ServingError(ErrorCode.INVALID_ARGUMENT,
                                f"failed to load '{name}': 'file:' load parameters need the 'config' parameter "
                                "too (the configuration of the model those files make up)")
-        await self.repository.load(name, config, files or None)
+        await self._repository.load(name, config, files or None)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
         self._check_control()
         check_model_name(name, "unload")
-        await self.repository.unload(name)
+        for key, value in (parameters or {}).items():
+            if key != "unload_dependents":
+                raise invalid(f"unrecognized unload parameter '{key}'")
+            if not isinstance(value, bool):
+                raise invalid("unload parameter 'unload_dependents' must be a boolean")
+        await self._repository.unload(name)
 
     # -- trace extension ---------------------------------------------------------------------
+
+    @property
+    def tracing_on(self) -> bool:
+        return self._tracing.on
+
+    def trace_grpc(self, metadata, stream: bool = False) -> Any:
+        """The caller's trace context from gRPC metadata (a StreamTrace for a stream)."""
+        return self._tracing.from_grpc(metadata, stream)
+
+    def trace_http(self, headers: Mapping[str, str]) -> Any:
+        return self._tracing.from_http(headers)
 
     def trace_settings(self, model: str = "", changes: dict[str, list[str] | None] | None = None,
                        update: bool = False) -> dict[str, list[str]]:
         """Read (or with ``update``, change) the global or a model's trace settings; ``changes`` None
         with ``update`` drops the model's own settings."""
-        if model and not self.repository.known(model):
+        if model and not self._repository.known(model):
             raise ServingError(ErrorCode.NOT_FOUND, f"trace setting for unknown model '{model}'")
         if not update:
-            return self.tracing.get_settings(model)
-        return self.tracing.update_settings(model, changes)
+            return self._tracing.get_settings(model)
+        return self._tracing.update_settings(model, changes)
 
     # -- inference ---------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        """A unary inference: exactly one response. Decoupled models answer UNIMPLEMENTED (Triton)."""
         if request.trace is not None:  # traced: the same path inside the request's server span
-            return await self.tracing.infer(self._infer, request)
+            return await self._tracing.infer(self._infer, request)
         return await self._infer(request)
 
-    async def _infer(self, request: InferRequest) -> InferResponse:
+    def _admit(self, request: InferRequest) -> tuple[ModelVersion, dict[str, np.ndarray], list[str], bool]:
         if self.draining:
             raise unavailable("the server is shutting down and accepts no new requests")
-        mv = self.repository.get(request.model_name, request.model_version)
-        config = mv.config
-        if config.decoupled:
-            raise ServingError(ErrorCode.UNIMPLEMENTED,
-                               f"ModelInfer doesn't support model '{config.name}' with decoupled transaction policy")
-        validation.check_parameters(request)
-        inputs = validation.check_inputs(config, request)
-        outputs = validation.check_outputs(config, request.outputs)
+        mv = self._get(request.model_name, request.model_version)
+        empty_final = validation.check_parameters(request)
+        inputs = validation.check_inputs(mv.config, request)
+        outputs = validation.check_outputs(mv.config, request.outputs)
+        return mv, inputs, outputs, empty_final
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
+        mv, inputs, outputs, _ = self._admit(request)
+        if mv.config.decoupled:
+            raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
+        sink = UnaryResponse(asyncio.get_running_loop())
         # no await between lookup and enqueue: a swap cannot retire this version in between
-        arrays = await mv.scheduler.submit(inputs, outputs, request.parameters, request.deadline, request.trace)
-        tensors = []
-        for name in outputs:
-            array = arrays[name]
-            spec = config.output(name)
-            shape = list(array.shape)
-            if spec.reshape is not None:
-                lead = shape[:1] if config.max_batch_size > 0 else []
-                shape = lead + list(spec.dims)
-                array = array.reshape(shape)
-            tensors.append(Tensor(name, spec.datatype, shape, array))
-        return InferResponse(config.name, str(mv.version), request.id, tensors)
+        mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace, sink)
+        response = _render(mv, request.id, outputs, await sink.result())
+        if response.error is not None:  # an output the configuration does not allow
+            raise response.error
+        return response
+
+    def stream(self, request: InferRequest) -> ResponseStream:
+        """Start a request on any model; iterate the returned stream for its responses (each with
+        ``final`` and ``error``). Raises ServingError at once when the request is refused.
+        ``stream.empty_final`` tells whether the caller asked for Triton's empty final response."""
+        token = None
+        if request.trace is not None:
+            token = self._tracing.begin(request)
+        try:
+            mv, inputs, outputs, empty_final = self._admit(request)
+            loop = asyncio.get_running_loop()
+            stream = ResponseStream(loop, mv.config.decoupled, lambda item: _render(mv, request.id, outputs, item))
+            stream.empty_final = empty_final
+            mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline,
+                                request.trace, stream)
+            if request.trace is not None:
+                _end_span_on_final(self._tracing, request, token, stream, str(mv.version))
+        except ServingError as exc:
+            if request.trace is not None:
+                self._tracing.end(request, token, exc.code.name, exc.message)
+            raise
+        return stream
+
+
+def _end_span_on_final(tracing: Tracing, request: InferRequest, token: Any, stream: ResponseStream,
+                       version: str) -> None:
+    """Close a streamed request's server span when its final response is delivered or it is cancelled."""
+    done = False
+
+    def end(status: str, message: str = "") -> None:
+        nonlocal done
+        if not done:
+            done = True
+            tracing.end(request, token, status, message, version)
+
+    inner = stream.on_final
+
+    def on_final(error: ServingError | None) -> None:
+        if inner is not None:
+            inner(error)
+        end(error.code.name if error is not None else "OK", error.message if error is not None else "")
+
+    stream.on_final = on_final
+    stream.on_cancel(lambda: end("CANCELLED", "the caller cancelled the request"))
+
+
+def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item) -> InferResponse:
+    """A backend's response as an InferResponse, outputs checked against the configuration."""
+    arrays, parameters, final, error = item
+    config = mv.config
+    tensors: list[Tensor] = []
+    if error is None and arrays is not None:
+        try:
+            for name in outputs:
+                if name in arrays:
+                    tensors.append(_output(config, name, arrays[name]))
+        except ServingError as exc:
+            log.error("model '%s' version %d: %s", config.name, mv.version, exc.message)
+            error, tensors = exc, []
+    return InferResponse(config.name, str(mv.version), request_id, tensors, dict(parameters or {}), final, error)
+
+
+def _output(config: ModelConfig, name: str, array: np.ndarray) -> Tensor:
+    spec = config.output(name)
+    if spec is None:
+        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned unknown output '{name}'")
+    expected = NUMPY_DTYPES.get(spec.datatype)
+    if expected is not None and array.dtype != expected and not (spec.datatype == "BYTES" and array.dtype.kind in "OSU"):
+        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' as {array.dtype}; "
+                           f"its configuration declares {spec.datatype}")
+    shape = list(array.shape)
+    lead = 1 if config.max_batch_size > 0 else 0
+    if spec.reshape is not None:
+        shape = shape[:lead] + list(spec.dims)
+        if int(np.prod(shape)) != array.size:
+            raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' with shape "
+                               f"{list(array.shape)}, which cannot be reshaped to {shape}")
+        array = array.reshape(shape)
+    dims = list(spec.dims)
+    if len(shape) != lead + len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape[lead:])):
+        declared = (["-1"] if lead else []) + [str(d) for d in dims]
+        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' with shape "
+                           f"{shape}; its configuration declares [{', '.join(declared)}]")
+    return Tensor(name, spec.datatype, shape, array)

@@ -40,6 +40,7 @@ class Settings:
     auto_complete_config: bool = True
     default_max_batch_size: int = 4
     model_name: str = ""
+    repository_layout: str = "auto"  # auto | repository | single (server/repository/single.py)
     log_verbose: int = 0
     # --trace-config items, Triton's syntax (checked by telemetry/trace_config.py; OTEL_* add to them)
     trace_config: list[str] = field(default_factory=list)
@@ -71,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
                    help="e.g. default-max-batch-size=8")
     p.add_argument("--model-name", default=os.environ.get("MODEL_NAME", ""),
                    help="name to serve a single-model folder under")
+    p.add_argument("--repository-layout", choices=["auto", "repository", "single"], default="auto",
+                   help="how a --model-repository folder is read: auto (a repository when any subfolder "
+                        "holds a config.pbtxt or version folders, else a single model: a model file or "
+                        "version folders at its root), or force repository / single")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--trace-config", action="append", default=[], metavar="[opentelemetry,]SETTING=VALUE",
                    help="tracing, as Triton spells it (repeatable): level=TIMESTAMPS|OFF, "
@@ -102,6 +107,7 @@ def from_args(argv: list[str] | None = None) -> Settings:
         exit_timeout_secs=args.exit_timeout_secs,
         auto_complete_config=args.auto_complete_config,
         model_name=args.model_name,
+        repository_layout=args.repository_layout,
         log_verbose=args.log_verbose,
         trace_config=args.trace_config,
     )

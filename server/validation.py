@@ -104,10 +104,20 @@ def check_outputs(config: ModelConfig, requested: list[RequestedOutput]) -> list
     return names
 
 
-def check_parameters(request: InferRequest) -> None:
+EMPTY_FINAL = "triton_enable_empty_final_response"
+
+
+def check_parameters(request: InferRequest) -> bool:
+    """Refuse reserved ``triton_`` keys (Triton's texts); consume and return the empty-final flag."""
     for key in request.parameters:
         if key.startswith("triton_") and key not in _ACCEPTED_TRITON:
-            raise invalid(f"parameter '{key}' is reserved (triton_* names are not custom parameters)")
+            raise invalid("parameter keys starting with 'triton_' are reserved for Triton usage. Only the "
+                          "following keys starting with 'triton_' are allowed: " + ", ".join(sorted(_ACCEPTED_TRITON)))
+    empty_final = False
+    if EMPTY_FINAL in request.parameters:
+        empty_final = request.parameters.pop(EMPTY_FINAL)
+        if not isinstance(empty_final, bool):
+            raise invalid(f"invalid value type for '{EMPTY_FINAL}' parameter, expected bool_param.")
     for tensor in request.inputs:
         for key in tensor.parameters:
             if key.startswith("shared_memory"):
@@ -117,3 +127,4 @@ def check_parameters(request: InferRequest) -> None:
         for key in out.parameters:
             if key.startswith("shared_memory"):
                 raise invalid(f"output '{out.name}': shared memory is not supported by this server")
+    return empty_final

@@ -89,6 +89,25 @@ class TritonPythonModel:
         return {}
 """),
     "no_io": ('backend: "python"\n', "class TritonPythonModel:\n    def execute(self, inputs):\n        return {}\n"),
+    # BYTES are bytes, UTF-8 or not: each element comes back reversed, plus its length
+    "bytes_reverse": ("""
+backend: "python"
+max_batch_size: 8
+input [ { name: "B" data_type: TYPE_STRING dims: [ 3 ] } ]
+output [
+  { name: "REVERSED" data_type: TYPE_STRING dims: [ 3 ] },
+  { name: "SIZE" data_type: TYPE_INT32 dims: [ 3 ] }
+]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+""", """
+import numpy as np
+class TritonPythonModel:
+    def execute(self, inputs):
+        b = inputs["B"]
+        assert all(type(v) is bytes for v in b.reshape(-1)), [type(v) for v in b.reshape(-1)]
+        reversed_ = np.array([v[::-1] for v in b.reshape(-1)], dtype=object).reshape(b.shape)
+        return {"REVERSED": reversed_, "SIZE": np.vectorize(len, otypes=[np.int32])(b)}
+"""),
 }
 # two versions of one model, each with its own module-level state
 VERSIONED = """
@@ -263,3 +282,27 @@ def test_bad_models_report_why(client, model, words):
     assert rows and rows[0]["state"] == "UNAVAILABLE"
     for word in words:
         assert word in rows[0]["reason"], rows[0]["reason"]
+
+
+# bytes that are not UTF-8 (a lone continuation byte, an invalid start byte, NUL, a truncated sequence)
+NOT_UTF8 = [b"\xff\xfe\x00\x80", b"\xc3\x28", b"", b"ok\xe2\x82"]
+
+
+def test_bytes_that_are_not_utf8_reach_the_model_unchanged(client, python_server):
+    import tritonclient.http as httpclient
+
+    data = np.array([NOT_UTF8[:3], NOT_UTF8[1:]], dtype=np.object_)
+    expected = np.array([[v[::-1] for v in row] for row in data.tolist()], dtype=np.object_)
+    sizes = [[len(v) for v in row] for row in data.tolist()]
+    item = grpcclient.InferInput("B", [2, 3], "BYTES")
+    item.set_data_from_numpy(data)
+    result = client.infer("bytes_reverse", [item])
+    assert result.as_numpy("REVERSED").tolist() == expected.tolist()
+    assert result.as_numpy("SIZE").tolist() == sizes
+    with httpclient.InferenceServerClient(python_server.http_url) as http:
+        item = httpclient.InferInput("B", [2, 3], "BYTES")
+        item.set_data_from_numpy(data, binary_data=True)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ("REVERSED", "SIZE")]
+        result = http.infer("bytes_reverse", [item], outputs=outputs)
+        assert result.as_numpy("REVERSED").tolist() == expected.tolist()
+        assert result.as_numpy("SIZE").tolist() == sizes

@@ -11,7 +11,8 @@ from server.core.errors import ErrorCode, ServingError
 from server.core.types import TensorSpec
 from server.protos import model_config_pb2 as mc
 from server.repository import config as configs
-from server.repository import layout
+from server.repository import layout, pbtxt
+from server.telemetry.gpu import gpu_count
 
 
 def _config(text: str, name: str = "m") -> mc.ModelConfig:
@@ -88,13 +89,46 @@ def test_parse_reports_unknown_fields_and_keeps_the_rest(caplog):
             'input [ { name: "X", data_type: TYPE_FP32, colour: "r}d", dims: [ 2 ] } ]\n'
             'extra {\n  a: 1\n  b { c: [ 1, 2 ] }\n}\nbackend: "onnxruntime"\n')
     with caplog.at_level(logging.WARNING):
-        config, warnings = configs.parse_text("m", text)
+        config, warnings = pbtxt.parse_text("m", text)
     assert config.max_batch_size == 8 and config.dynamic_batching.max_queue_delay_microseconds == 100
     assert [(i.name, list(i.dims)) for i in config.input] == [("X", [2])]
     assert config.backend == "onnxruntime"
     # each unknown field is named once, nested and multi-line ones included, and nothing else is
     assert [w.split("'")[1] for w in warnings] == ["frobnicate", "turbo", "colour", "extra"]
     assert "frobnicate" in caplog.text and "model 'm'" in caplog.text
+    # each warning says where the field is and which message has no such field
+    assert "line 4, in inference.ModelDynamicBatching" in warnings[1]
+    assert "line 6, in inference.ModelConfig" in warnings[3]
+
+
+def test_unknown_fields_in_every_value_form():
+    # map entries, adjacent strings, signs, <> bodies, lists of messages, separators and comments:
+    # none of the known fields may be reported, and every unknown one exactly once
+    text = ('parameters { key: "k" value: { string_value: "a" "b" } }\n'
+            '# frob: 1 (a comment)\n'
+            'z: -5, w: "x"\n"y"; q: [<a: 1>, <b: 2>] r: 1.5e3 s: -inf\n'
+            'model_warmup < name: "w" inputs { key: "I" value { dims: 2 zz < a: 1 > } } >\n'
+            'instance_group: [{count: 1 kind: KIND_CPU}]\n')
+    config, warnings = pbtxt.parse_text("m", text)
+    assert config.parameters["k"].string_value == "ab" and config.instance_group[0].count == 1
+    assert [w.split("'")[1] for w in warnings] == ["z", "w", "q", "r", "s", "zz"]
+    last = pbtxt.unknown_fields(text, mc.ModelConfig.DESCRIPTOR)[-1]
+    assert last == ("zz", 5, "inference.ModelWarmup.Input")
+
+
+def test_a_config_of_100_unknown_fields_is_read_in_one_pass():
+    text = "".join(f"f{i} {{ x: {i} }}\n" for i in range(150)) + "max_batch_size: 3\n"
+    config, warnings = pbtxt.parse_text("m", text)
+    assert config.max_batch_size == 3 and len(warnings) == 150
+
+
+def test_gpu_count_honours_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 2,-1,")
+    assert gpu_count() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_count() == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_count() >= 0  # NVML's count, or the /dev/nvidia<N> files, on this machine
 
 
 @pytest.mark.parametrize("text, says", [
@@ -103,11 +137,11 @@ def test_parse_reports_unknown_fields_and_keeps_the_rest(caplog):
     ("frobnicate: 3\nmax_batch_size: [\n", "does not parse"),  # unknown field and a real error
 ])
 def test_parse_errors_are_fatal(text, says):
-    _fails(lambda: configs.parse_text("m", text), "model 'm'", says)
+    _fails(lambda: pbtxt.parse_text("m", text), "model 'm'", says)
 
 
 def test_read_without_config_file(tmp_path):
-    config, warnings = configs.read(tmp_path)
+    config, warnings = pbtxt.read(tmp_path)
     assert config == mc.ModelConfig() and warnings == []
 
 

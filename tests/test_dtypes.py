@@ -56,9 +56,14 @@ def test_malformed_bytes_name_the_input(wire, count, says):
 # ---------------------------------------------------------------- BF16
 
 
+def _bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16) -> float32: the pattern is the float32's upper half."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def test_bf16_round_trip_of_every_non_nan_pattern():
     bits = np.arange(2**16, dtype=np.uint16)
-    values = dtypes.bf16_to_float32(bits)
+    values = _bf16_to_float32(bits)
     finite = ~np.isnan(values)
     np.testing.assert_array_equal(dtypes.float32_to_bf16(values)[finite], bits[finite])
     # and it agrees with ml_dtypes (what tritonclient uses) on the value of each pattern
@@ -73,7 +78,7 @@ def test_float32_to_bf16_rounds_to_nearest_even():
     got = dtypes.float32_to_bf16(np.array([one, halfway_down, halfway_up, above, -2.5, np.inf, -0.0]))
     assert got.tolist() == [0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xC020, 0x7F80, 0x8000]
     nan = dtypes.float32_to_bf16(np.array([np.nan], dtype=np.float32))
-    assert np.isnan(dtypes.bf16_to_float32(nan))[0]
+    assert np.isnan(_bf16_to_float32(nan))[0]
     rng = np.random.default_rng(1)
     sample = (rng.standard_normal(10000) * 1e3).astype(np.float32)
     reference = sample.astype(ml_dtypes.bfloat16).view(np.uint16)
@@ -89,7 +94,7 @@ def test_raw_round_trip_every_fixed_size_type(datatype):
     values = (np.arange(6) % 2).astype(dtype) if datatype == "BOOL" else np.arange(6).astype(dtype)
     wire = dtypes.encode_raw(values.reshape(2, 3), datatype)
     assert wire == values.astype(dtype.newbyteorder("<")).tobytes()  # row-major little-endian
-    assert len(wire) == 6 * dtypes.element_size(datatype)
+    assert len(wire) == 6 * dtype.itemsize
     back = dtypes.decode_raw("x", datatype, [2, 3], wire)
     assert back.shape == (2, 3) and back.dtype == dtype
     np.testing.assert_array_equal(back.reshape(-1), values)
@@ -123,6 +128,3 @@ def test_datatype_names():
     assert dtypes.config_name("BF16") == "TYPE_BF16" and dtypes.from_config_name("TYPE_FP16") == "FP16"
     with pytest.raises(KeyError):
         dtypes.from_config_name("TYPE_INVALID")
-    assert dtypes.datatype_of(np.zeros(1, np.uint16)) == "UINT16"  # never BF16
-    assert dtypes.datatype_of(np.array(["a"])) == "BYTES"
-    assert [dtypes.element_size(d) for d in ("BYTES", "BF16", "FP64")] == [0, 2, 8]

@@ -71,13 +71,13 @@ def test_server_live_ready_metadata(client, stub):
 def test_model_ready(client, stub):
     assert client.is_model_ready("simple") and client.is_model_ready("simple", "1")
     assert stub.ModelReady(pb.ModelReadyRequest(name="dense")).ready
-    code, details = _status(lambda: stub.ModelReady(pb.ModelReadyRequest(name="no_such_model")))
-    assert code == "NOT_FOUND" and "no_such_model" in details
-    code, details = _status(lambda: stub.ModelReady(pb.ModelReadyRequest(name="simple", version="3")))
-    assert code == "NOT_FOUND" and "version 3" in details
-    with pytest.raises(InferenceServerException) as info:
-        client.is_model_ready("no_such_model")
-    assert info.value.status() == "StatusCode.NOT_FOUND"
+    # as Triton: an unknown model or version is "not ready", not an error (REST answers an error)
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="no_such_model")).ready
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="simple", version="3")).ready
+    assert not client.is_model_ready("no_such_model") and not client.is_model_ready("simple", "3")
+    # a version that is not a number is still a bad request
+    code, details = _status(lambda: stub.ModelReady(pb.ModelReadyRequest(name="simple", version="x1")))
+    assert code == "INVALID_ARGUMENT" and "'x1'" in details
 
 
 def test_model_metadata(client, stub):

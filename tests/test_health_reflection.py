@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -68,6 +69,48 @@ def test_health_watch_reports_not_serving_on_sigterm(start_server, test_models, 
         for call in calls:
             call.cancel()
     assert server.proc.wait(30) == 0
+
+
+def test_health_watch_follows_model_loads_under_strict_readiness(start_server, test_models, tmp_path):
+    """With --strict-readiness the server is ready only while every model asked for serves: a load
+    that fails makes health NOT_SERVING and unloading that model makes it SERVING again, pushed to
+    the Watch as the change happens (health waits on the repository's changes; it does not poll)."""
+    repo = tmp_path / "repo"
+    (repo / "identity_fixed").mkdir(parents=True)
+    (repo / "identity_fixed" / "1").symlink_to(test_models / "identity_fixed" / "1")
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an ONNX protobuf")
+    server = start_server([repo], "--model-control-mode=explicit", "--load-model=identity_fixed",
+                          "--strict-readiness=true")
+    seen: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(server.grpc_url) as ch:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+
+        def follow():
+            try:
+                for reply in call:
+                    seen.put((time.monotonic(), reply.status))
+            except grpc.RpcError:
+                pass
+
+        threading.Thread(target=follow, daemon=True).start()
+        assert seen.get(timeout=10)[1] == SERVING
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            with pytest.raises(InferenceServerException):
+                client.load_model("broken")
+            done = time.monotonic()
+            at, status = seen.get(timeout=10)
+            assert status == NOT_SERVING and not client.is_server_ready()
+            client.unload_model("broken")
+            unloaded = time.monotonic()
+            at2, status2 = seen.get(timeout=10)
+            assert status2 == SERVING and client.is_server_ready()
+        call.cancel()
+    # the NOT_SERVING came while the load ran (before the RPC answered), SERVING right after the unload
+    assert at <= done + 0.25 and at2 - unloaded < 0.25, (at - done, at2 - unloaded)
 
 
 # ---------------------------------------------------------------- reflection

@@ -220,8 +220,6 @@ def test_load_and_unload_in_explicit_mode(example_repo, tmp_path, start_server):
         ("GET", "/v2/cudasharedmemory/region/r0/status", "cuda_shared_memory"),
         ("POST", "/v2/systemsharedmemory/region/r0/register", "system_shared_memory"),
         ("POST", "/v2/cudasharedmemory/region/r0/unregister", "no region 'r0'"),
-        ("POST", "/v2/models/simple/generate", "generate"),
-        ("POST", "/v2/models/simple/versions/1/generate_stream", "generate"),
     ],
 )
 def test_unsupported_extensions_are_501(base, method, path, says):

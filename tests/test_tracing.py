@@ -486,3 +486,37 @@ def test_fast_encoding_equals_the_sdk_encoding():
     assert len(fast.spans) == 3 and len(full.spans) == 4
     assert encode(fast.spans + [sdk_made]) == encode_spans(full.spans + [sdk_made])
     assert encode(full.spans) == encode_spans(full.spans)  # the ReadableSpan path too
+
+
+# ---------------------------------------------------------------- the log tag
+
+
+def test_log_record_factory_is_installed_only_while_tracing_is_on(caplog):
+    import logging
+
+    from server.telemetry import tracing
+    from server.telemetry.trace_config import TraceConfig
+
+    before = logging.getLogRecordFactory()
+    off = tracing.Tracing()
+    assert logging.getLogRecordFactory() is before  # constructing a Tracing changes nothing global
+    on = tracing.Tracing(TraceConfig(level=["TIMESTAMPS"], exporters=["none"]))
+    also = tracing.Tracing(TraceConfig(level=["TIMESTAMPS"], exporters=["none"]))
+    try:
+        assert on.on and logging.getLogRecordFactory() is not before
+        rt = tracing.RequestTrace.__new__(tracing.RequestTrace)
+        rt.trace_id = 0xABC
+        token = tracing._LOG_TAG.set(rt)
+        try:
+            with caplog.at_level(logging.INFO):
+                logging.getLogger("inferd.test").info("handled %s", "it")
+        finally:
+            tracing._LOG_TAG.reset(token)
+        assert caplog.records[-1].getMessage() == f"handled it trace_id={0xABC:032x}"
+        on.shutdown()
+        assert logging.getLogRecordFactory() is not before  # the other one still traces
+    finally:
+        also.shutdown()
+        off.shutdown()
+        on.shutdown()  # a second shutdown is harmless
+    assert logging.getLogRecordFactory() is before

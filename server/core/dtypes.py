@@ -51,22 +51,6 @@ def from_config_name(name: str) -> str:
     return _FROM_CONFIG[name]
 
 
-def element_size(datatype: str) -> int:
-    """Bytes per element for fixed-size types; 0 for BYTES."""
-    return 0 if datatype == "BYTES" else NUMPY_DTYPES[datatype].itemsize
-
-
-def datatype_of(array: np.ndarray) -> str:
-    """The protocol datatype of a numpy array (uint16 reads as UINT16, never BF16)."""
-    kind = array.dtype
-    if kind == np.object_ or kind.kind in ("S", "U"):
-        return "BYTES"
-    for name, dtype in NUMPY_DTYPES.items():
-        if name != "BF16" and dtype == kind:
-            return name
-    raise invalid(f"unsupported numpy dtype {kind}")
-
-
 def num_elements(shape: Iterable[int]) -> int:
     count = 1
     for dim in shape:
@@ -157,11 +141,6 @@ def encode_raw(array: np.ndarray, datatype: str) -> bytes:
     if array.dtype != target:
         array = array.astype(target)
     return np.ascontiguousarray(array).tobytes()
-
-
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """BF16 bit patterns (uint16) -> float32 values."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def float32_to_bf16(values: np.ndarray) -> np.ndarray:

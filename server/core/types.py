@@ -44,11 +44,17 @@ class InferRequest:
 
 @dataclass(slots=True)
 class InferResponse:
+    """One response of a request's stream. A unary request has exactly one, ``final``; a decoupled
+    model's request has 0..N, the last ``final`` (a flags-only final has no outputs). ``error`` set:
+    this response reports a failure of its request (Triton sends those in-band on streams)."""
+
     model_name: str
     model_version: str
     id: str
     outputs: list[Tensor]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+    final: bool = True
+    error: Any = None  # ServingError | None (typed loosely: core/types stays free of core/errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +64,32 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]  # -1 for a dynamic dimension, the batch dimension first when the model batches
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What ModelMetadata / GET /v2/models/{m} report."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    decoupled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One row of the repository index (a model version, or a model with no version known)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str

@@ -1,4 +1,5 @@
-"""config.pbtxt: parse (protobuf text format), auto-complete from the model, normalize, validate.
+"""The model configuration once read (pbtxt.py reads it): auto-complete from the model, normalize,
+validate, and render it (core dataclasses for the server, JSON for REST).
 
 The ModelConfig message stays the source of truth (the ModelConfig RPC returns it); ``to_core``
 builds the frozen dataclasses the rest of the server reads.
@@ -6,12 +7,7 @@ builds the frozen dataclasses the rest of the server reads.
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-from pathlib import Path
-
-from google.protobuf import json_format, text_format
+from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from server.core import config as core
@@ -20,120 +16,9 @@ from server.core.errors import ErrorCode, ServingError
 from server.core.types import TensorSpec
 from server.protos import model_config_pb2 as mc
 
-log = logging.getLogger(__name__)
-
-_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"|has no field named (\S+)')
-
 
 def _precondition(model: str, message: str) -> ServingError:
     return ServingError(ErrorCode.FAILED_PRECONDITION, f"model '{model}': {message}")
-
-
-def parse_text(model: str, text: str) -> tuple[mc.ModelConfig, list[str]]:
-    """Parse config text; unknown fields are skipped and reported, other errors are fatal."""
-    config = mc.ModelConfig()
-    warnings: list[str] = []
-    try:
-        text_format.Parse(text, config)
-        return config, warnings
-    except text_format.ParseError as exc:
-        if not _UNKNOWN_FIELD.search(str(exc)):
-            raise _precondition(model, f"config.pbtxt does not parse: {exc}") from exc
-    # collect every unknown field: each strict pass names the next one
-    lenient = mc.ModelConfig()
-    try:
-        text_format.Parse(text, lenient, allow_unknown_field=True)
-    except text_format.ParseError as exc:
-        raise _precondition(model, f"config.pbtxt does not parse: {exc}") from exc
-    remaining = text
-    for _ in range(100):
-        try:
-            text_format.Parse(remaining, mc.ModelConfig())
-            break
-        except text_format.ParseError as exc:
-            match = _UNKNOWN_FIELD.search(str(exc))
-            if not match:
-                break
-            field = match.group(1) or match.group(2)
-            warnings.append(f"unknown field '{field}' ignored ({exc})")
-            remaining = _blank_field(remaining, exc)
-    for w in warnings:
-        log.warning("model '%s': config.pbtxt: %s", model, w)
-    return lenient, warnings
-
-
-def _blank_field(text: str, exc: text_format.ParseError) -> str:
-    # blank out the unknown field (name and value, which may span lines) so the next strict pass
-    # reports the next unknown field; newlines stay, so later line:column positions stay true
-    line = exc.GetLine()
-    if not line:
-        return ""
-    lines = text.split("\n")
-    start = sum(len(x) + 1 for x in lines[: line - 1]) + max(0, exc.GetColumn() - 1)
-    end = _field_end(text, start)
-    if end < len(text) and text[end] in ",;":  # an optional separator goes with the field
-        end += 1
-    return text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
-
-
-_CLOSE = {"{": "}", "<": ">", "[": "]"}
-
-
-def _field_end(text: str, i: int) -> int:
-    """Offset just past the field that starts at ``i``: ``name: scalar``, ``name: "str"``,
-    ``name [ ... ]``, ``name { ... }`` (brackets balanced, quotes respected)."""
-    n = len(text)
-    while i < n and (text[i].isalnum() or text[i] in "_."):
-        i += 1
-    while i < n and (text[i].isspace() or text[i] == ":"):
-        i += 1
-    if i < n and text[i] in _CLOSE:
-        depth, quote = 0, ""
-        while i < n:
-            c = text[i]
-            if quote:
-                if c == "\\":
-                    i += 1
-                elif c == quote:
-                    quote = ""
-            elif c in "\"'":
-                quote = c
-            elif c in _CLOSE:
-                depth += 1
-            elif c in _CLOSE.values():
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-            i += 1
-        return n
-    if i < n and text[i] in "\"'":
-        quote, i = text[i], i + 1
-        while i < n and text[i] != quote:
-            i += 2 if text[i] == "\\" else 1
-        return min(n, i + 1)
-    while i < n and not text[i].isspace() and text[i] not in ",;}>]":
-        i += 1
-    return i
-
-
-def read(model_path: Path, override_json: str | None = None) -> tuple[mc.ModelConfig, list[str]]:
-    """The model's configuration: an override (ModelConfig JSON), config.pbtxt, or empty."""
-    name = model_path.name
-    if override_json is not None:
-        config = mc.ModelConfig()
-        try:
-            json_format.Parse(override_json, config)
-        except json_format.ParseError as exc:
-            raise ServingError(ErrorCode.INVALID_ARGUMENT, f"model '{name}': config override: {exc}") from exc
-        return config, []
-    path = model_path / "config.pbtxt"
-    if not path.exists():
-        return mc.ModelConfig(), []
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _precondition(name, f"cannot read config.pbtxt: {exc}") from exc
-    return parse_text(name, text)
 
 
 def needs_io(config: mc.ModelConfig) -> bool:
@@ -367,11 +252,3 @@ def _int64_as_numbers(descriptor, data: dict) -> None:
                 _int64_as_numbers(field.message_type, value)
         elif field.type in _INT64:
             data[key] = [int(v) for v in value] if repeated else int(value)
-
-
-def gpu_count() -> int:
-    """GPUs visible to this process, without importing a framework."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    return len(list(Path("/dev").glob("nvidia[0-9]*")))

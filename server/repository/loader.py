@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from google.protobuf import json_format
 
 from server.core import config as core
-from server.core.backend import Backend, LoadContext
+from server.core.backend import Backend, LoadContext, ModelServices
 from server.core.dtypes import NUMPY_DTYPES
 from server.core.errors import ErrorCode, ServingError
 from server.core.names import check_model_name
 from server.protos import model_config_pb2 as mc
+from server.telemetry.gpu import gpu_count
 
-from . import backends, layout
+from . import backends, layout, pbtxt
 from . import config as configs
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class LoadOptions:
     default_max_batch_size: int = 4
     auto_complete: bool = True
     cores: int = field(default_factory=usable_cores)
+    services: ModelServices | None = None  # handed to every backend (BLS calls, custom metrics)
 
 
 def _placements(config: core.ModelConfig) -> list[tuple[str, str]]:
@@ -91,11 +94,13 @@ def _placements(config: core.ModelConfig) -> list[tuple[str, str]]:
 
 
 def _context(model_path: Path, version: int, vpath: Path, config: core.ModelConfig, name: str,
-             device: str, index: int, threads: int) -> LoadContext:
+             device: str, index: int, threads: int, services: ModelServices | None = None,
+             proto: mc.ModelConfig | None = None) -> LoadContext:
+    extra = {"model_config": configs.to_json_dict(proto)} if proto is not None else {}
     return LoadContext(
         model_name=config.name, version=version, model_path=model_path, version_path=vpath,
         model_file=vpath / config.default_model_filename, config=config, device=device,
-        instance_name=name, instance_index=index, cpu_threads=threads,
+        instance_name=name, instance_index=index, cpu_threads=threads, services=services, extra=extra,
     )
 
 
@@ -110,7 +115,7 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
     a version that fails is reported in ``failed`` and the others still load.
     """
     name = model_path.name
-    proto, warnings = configs.read(model_path, override_json)
+    proto, warnings = pbtxt.read(model_path, override_json)
     if proto.name and proto.name != name:
         raise ServingError(ErrorCode.FAILED_PRECONDITION,
                            f"model '{name}': config.pbtxt names the model '{proto.name}'; it must match the folder")
@@ -131,7 +136,9 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
         return LoadResult(proto=proto, config=None, warnings=warnings, selected=selected)
     if on_plan is not None:
         on_plan(to_load)
-    gpus = configs.gpu_count()
+    gpus = gpu_count()
+    if options.auto_complete and callable(getattr(backend_cls, "complete_config", None)):
+        _model_completes(proto, backend_cls, model_path, selected[0], available[selected[0]], options, gpus)
     if options.auto_complete and configs.needs_io(proto):
         _autocomplete(proto, backend_cls, model_path, selected[0], available[selected[0]], options, gpus)
     configs.normalize(proto, has_gpu=gpus > 0)
@@ -146,7 +153,8 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
         loaded: list[tuple[str, Backend]] = []
         try:
             for index, (iname, device) in enumerate(placements):
-                ctx = _context(model_path, version, vpath, config, iname, device, index, threads)
+                ctx = _context(model_path, version, vpath, config, iname, device, index, threads,
+                               options.services, proto)
                 loaded.append((iname, backend_cls.load(ctx)))
             for _, backend in loaded:
                 warm_up(backend, config, model_path)
@@ -177,6 +185,19 @@ def _autocomplete(proto: mc.ModelConfig, backend_cls: type[Backend], model_path:
         return
     configs.check_against_model(proto, inputs, outputs)
     configs.autocomplete(proto, inputs, outputs, options.default_max_batch_size)
+
+
+def _model_completes(proto: mc.ModelConfig, backend_cls: type[Backend], model_path: Path, version: int,
+                     vpath: Path, options: LoadOptions, gpus: int) -> None:
+    """A backend that completes the configuration itself (Triton's ``auto_complete_config``)."""
+    ctx = _context(model_path, version, vpath, configs.to_core(proto, gpus), f"{proto.name}_probe", "cpu", 0, 1)
+    completed = backend_cls.complete_config(ctx, configs.to_json_dict(proto))
+    try:
+        fresh = json_format.ParseDict(completed, mc.ModelConfig())
+    except json_format.ParseError as exc:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{proto.name}': the completed configuration is invalid: {exc}") from None
+    proto.CopyFrom(fresh)
 
 
 def warm_up(backend: Backend, config: core.ModelConfig, model_path: Path) -> None:

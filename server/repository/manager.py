@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.core import config as core
+from server.core.changes import Changes
 from server.core.errors import ErrorCode, ServingError, not_found, unavailable
 from server.protos import model_config_pb2 as mc
 from server.scheduling.batcher import Scheduler
-from server.scheduling.instances import Instance
+from server.scheduling.serving import ServingFactory
+from server.telemetry.stats import ModelStats
 from server.telemetry.tracing import Tracing, model_span
-from server.telemetry.stats import ModelStats, StatsSink
 
 from . import layout
 from .fingerprint import ModelPrint, model_print
@@ -67,17 +68,17 @@ def _reasons(failed: dict[int, str]) -> str:
 
 
 class RepositoryManager:
-    tracing: Tracing | None = None  # set by the app: load / unload spans when tracing is on
-
     def __init__(self, repositories: list[Path], options: LoadOptions | None = None,
-                 sink: StatsSink | None = None) -> None:
+                 serving: ServingFactory | None = None, tracing: Tracing | None = None) -> None:
         self.repositories = repositories
         self.options = options or LoadOptions()
-        self.sink = sink
+        self.serving = serving or ServingFactory()
+        self.tracing = tracing  # load / unload spans when tracing is on
         self._models: dict[str, ModelRecord] = {}
         self._closing: set[asyncio.Task] = set()
         self._shut = False
         self._duplicates: dict[str, str] = {}
+        self.changes = Changes()  # what all_ready() reads changed (gRPC health follows it)
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class RepositoryManager:
         if reuse and not custom and printed is not None:
             keep = {v for v, mv in record.serving.items() if mv.stamp == (str(source), *printed.stamp(v))}
         record.wanted = True
+        self.changes.notify()
         first = not record.serving
         for v in [v for v, (state, _) in record.status.items() if state == LOADING]:
             del record.status[v]
@@ -227,17 +229,14 @@ class RepositoryManager:
 
     def _swap(self, record: ModelRecord, result: LoadResult, kept: dict[int, ModelVersion],
               stamps: dict[int, tuple | None], override: Path | None) -> None:
-        loop = asyncio.get_running_loop()
         fresh: dict[int, ModelVersion] = dict(kept)
         for version, loaded in result.loaded.items():
-            stats = ModelStats(record.name, version, sink=self.sink)
-            scheduler = Scheduler(result.config, stats, loop)
-            for iname, backend in loaded.backends:
-                scheduler.add_instance(Instance(iname, record.name, backend, loop, scheduler.on_done))
+            scheduler, stats = self.serving(record.name, version, result.config, loaded.backends)
             fresh[version] = ModelVersion(record.name, version, result.config, result.proto, scheduler, stats,
                                           stamp=stamps.get(version), override=override)
         old = record.serving
         record.serving = fresh  # the one step that moves traffic
+        self.changes.notify()
         # versions still draining (or unloaded earlier) keep their rows; failures of this load replace theirs
         record.status = {v: s for v, s in record.status.items() if v not in fresh and s[0] != LOADING}
         record.status.update({v: (UNAVAILABLE, reason) for v, reason in result.failed.items()})
@@ -284,6 +283,7 @@ class RepositoryManager:
         async with record.lock:
             old, record.serving = record.serving, {}
             record.wanted, record.error, record.fingerprint = False, "", None
+            self.changes.notify()
             tasks = [self._retire(record, mv, reason) for mv in old.values()]
             if not old:
                 record.state, record.reason = UNAVAILABLE, reason
@@ -302,6 +302,7 @@ class RepositoryManager:
             old, record.serving = record.serving, {}
             for mv in old.values():
                 self._retire(record, mv, "server shut down")
+        self.changes.notify()
         await self.settle()
 
     # -- lookup ------------------------------------------------------------------------------

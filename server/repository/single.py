@@ -14,6 +14,14 @@ folder, and the server reads that one instead (``<name>`` is ``--model-name``):
 
 A config.pbtxt whose ``name`` differs from ``--model-name`` is copied with the name replaced. The
 config is completed from the model file as for any model (ONNX inputs, outputs, batching).
+
+How a folder is read (``--repository-layout``, default ``auto``): the repository reading wins. A
+folder is a repository as soon as one subfolder looks like a model folder (a ``config.pbtxt`` or a
+numeric version folder inside it); files at its root are then ignored, as Triton ignores them, and
+named in one INFO line, so a stray ``bert_state.pt`` beside ``bert/1/model.onnx`` cannot turn the
+repository into one model. Only a folder with no such subfolder and numeric version folders or a
+model file of its own is a single model. An empty folder is refused in ``auto`` (nothing to serve
+is almost always a wrong mount); ``repository`` and ``single`` force either reading.
 """
 
 from __future__ import annotations
@@ -30,13 +38,14 @@ from google.protobuf import text_format
 from server.core.errors import ErrorCode, ServingError
 from server.protos import model_config_pb2 as mc
 
-from . import config as configs
-from . import layout
+from . import layout, pbtxt
 from .layout import _SPECIAL_DIRS as SPECIAL_DIRS  # warmup, initial_state, configs
 
 log = logging.getLogger(__name__)
 
 REPOSITORY, MODEL_FOLDER, MODEL_FILE = "repository", "model folder", "model file"
+AUTO, SINGLE = "auto", "single"
+LAYOUTS = (AUTO, REPOSITORY, SINGLE)  # --repository-layout: how a folder is read
 DEFAULT_NAME = "model"  # KServe's python model server uses the same default
 _CANONICAL = tuple(name for name, _ in layout.FILE_BACKENDS)  # model.onnx, model.pt, model.pt2, model.py
 _SUFFIXES = (".onnx", ".pt", ".pt2")  # any file with one of these names a model when it is alone
@@ -56,6 +65,19 @@ def _is_version(name: str) -> bool:
     return name.isdigit() and not (len(name) > 1 and name.startswith("0"))
 
 
+def _visible(folder: Path) -> list[Path]:
+    return [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+
+
+def _looks_like_model(folder: Path) -> bool:
+    """A model folder: a config.pbtxt, or numeric version folders (where its model files live)."""
+    try:
+        return (folder / "config.pbtxt").is_file() or any(
+            e.is_dir() and _is_version(e.name) for e in _visible(folder))
+    except OSError:  # unreadable: not evidence of anything
+        return False
+
+
 def _model_file(root: Path, files: list[Path]) -> Path | None:
     names = {f.name: f for f in files}
     for canonical in _CANONICAL:
@@ -71,41 +93,74 @@ def _model_file(root: Path, files: list[Path]) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def detect(root: Path) -> Detected:
-    """Classify a --model-repository folder; raises FAILED_PRECONDITION when it is neither kind."""
-    if root.is_file() and (root.name in _CANONICAL or root.suffix in _SUFFIXES):
+def detect(root: Path, layout: str = AUTO) -> Detected:
+    """Classify a --model-repository folder; raises FAILED_PRECONDITION when it is neither kind.
+
+    ``auto`` prefers the repository reading: any subfolder that looks like a model folder makes
+    the folder a repository, whatever else lies at its root. Only a folder without one, holding
+    numeric version folders or a model file itself, is a single model. ``repository`` and
+    ``single`` force one reading.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not '{layout}'")
+    if root.is_file() and layout != REPOSITORY and (root.name in _CANONICAL or root.suffix in _SUFFIXES):
         return Detected(MODEL_FILE, model_file=root)  # e.g. a PVC sub-path mounted at /mnt/models
     if not root.is_dir():
-        raise ServingError(ErrorCode.FAILED_PRECONDITION,
-                           f"model repository '{root}' is not a directory (nor a model file)")
-    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+        what = "" if layout == REPOSITORY else " (nor a model file)"
+        raise ServingError(ErrorCode.FAILED_PRECONDITION, f"model repository '{root}' is not a directory{what}")
+    if layout == REPOSITORY:
+        return Detected(REPOSITORY)
+    entries = _visible(root)
     dirs = [e for e in entries if e.is_dir()]
-    files = [e for e in entries if e.is_file()]
-    versions = [d for d in dirs if _is_version(d.name)]
-    others = [d for d in dirs if not _is_version(d.name) and d.name not in SPECIAL_DIRS]
+    if layout == AUTO and any(_looks_like_model(d) for d in dirs):
+        return Detected(REPOSITORY)
     config = root / "config.pbtxt"
     config = config if config.is_file() else None
-    model_file = _model_file(root, files)
-    if config is not None or (versions and not others):
-        if versions:
-            return Detected(MODEL_FOLDER, config=config)
-        if model_file is not None:
-            return Detected(MODEL_FILE, model_file=model_file, config=config)
+    if any(_is_version(d.name) for d in dirs):
+        return Detected(MODEL_FOLDER, config=config)
+    model_file = _model_file(root, [e for e in entries if e.is_file()])
+    if model_file is not None:
+        return Detected(MODEL_FILE, model_file=model_file, config=config)
+    if config is not None:
         raise ServingError(
             ErrorCode.FAILED_PRECONDITION,
             f"'{root}' has a config.pbtxt at its root but no version folder (e.g. '1/') and no model "
             f"file ({', '.join(_CANONICAL)} or one *.onnx / *.pt / *.pt2 file) beside it",
         )
-    if model_file is not None:
-        return Detected(MODEL_FILE, model_file=model_file)
-    if others or not entries:
-        return Detected(REPOSITORY)  # an empty repository is valid: models may be loaded later
+    held = f"it holds: {', '.join(e.name for e in entries)}" if entries else "it is empty"
+    if layout == SINGLE:
+        raise ServingError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"--repository-layout=single: '{root}' holds no single model (no numeric version folder and "
+            f"no model file such as {', '.join(_CANONICAL)} at its root); {held}",
+        )
+    if not entries:
+        raise ServingError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"'{root}' is empty: no model folder and no model file to serve. To start on an empty "
+            "repository and add models later (explicit or poll mode), pass --repository-layout=repository",
+        )
+    if any(d.name not in SPECIAL_DIRS for d in dirs):
+        # folders without a config.pbtxt or version folder: Triton's reading, and each model's
+        # load then says what its folder lacks
+        return Detected(REPOSITORY)
     raise ServingError(
         ErrorCode.FAILED_PRECONDITION,
         f"'{root}' is neither a model repository (no model folders) nor a single model (no config.pbtxt, "
-        f"numeric version folder, or model file such as {', '.join(_CANONICAL)} at its root); "
-        f"it holds: {', '.join(e.name for e in entries)}",
+        f"numeric version folder, or model file such as {', '.join(_CANONICAL)} at its root); {held}",
     )
+
+
+def _report_stray_files(root: Path) -> None:
+    """One INFO line naming the files at a repository's root: only model folders are served."""
+    files = sorted(e.name for e in root.iterdir() if not e.is_dir())
+    if not files:
+        return
+    hint = ""
+    if any(n == "config.pbtxt" or n in _CANONICAL or Path(n).suffix in _SUFFIXES for n in files):
+        hint = " (to serve the folder itself as one model, pass --repository-layout=single)"
+    log.info("model repository '%s': ignoring %d file(s) at its root, which are not model folders: %s%s",
+             root, len(files), ", ".join(files), hint)
 
 
 def _check_name(name: str) -> None:
@@ -127,7 +182,7 @@ def _config_name(path: Path) -> str:
 
 def _write_config(source: Path, target: Path, name: str) -> None:
     # the served name comes from --model-name: a stale `name:` in the file would fail the load
-    proto, _ = configs.parse_text(name, source.read_text())
+    proto, _ = pbtxt.parse_text(name, source.read_text())
     proto.name = name
     target.write_text(f"# generated by inferd from {source} (name set from --model-name)\n"
                       + text_format.MessageToString(proto))
@@ -167,16 +222,24 @@ def materialize(root: Path, found: Detected, name: str, workdir: Path) -> Path:
     return repo
 
 
-def prepare(repositories: list[Path], model_name: str, workdir: Path | None = None) -> list[Path]:
+def prepare(repositories: list[Path], model_name: str, workdir: Path | None = None,
+            layout: str = AUTO) -> list[Path]:
     """The repository paths to serve: each single-model folder replaced by a generated repository.
 
-    The generated folders live under ``workdir`` (default: a new temporary folder removed at exit).
+    ``layout`` is --repository-layout (auto, repository or single). The generated folders live
+    under ``workdir`` (default: a new temporary folder removed at exit).
     """
     name = model_name or DEFAULT_NAME
+    found_all = [(root, detect(root, layout)) for root in repositories]
+    singles = [str(root) for root, found in found_all if found.kind != REPOSITORY]
+    if len(singles) > 1:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"{' and '.join(singles)} each hold a single model: all would be served as "
+                           f"'{name}'; serve one of them, or arrange them as one repository")
     result: list[Path] = []
-    for root in repositories:
-        found = detect(root)
+    for root, found in found_all:
         if found.kind == REPOSITORY:
+            _report_stray_files(root)
             result.append(root)
             continue
         if workdir is None:

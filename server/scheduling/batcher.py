@@ -1,79 +1,55 @@
-"""The per model-version scheduler: queues, priorities, timeouts, dynamic batching, dispatch.
+"""The per model-version scheduler: admission, batch formation, dispatch to instances, completion.
 
-Runs on the event loop. Requests wait in one queue per priority level; whenever an instance is
-idle the scheduler forms the next batch (work-conserving unless ``max_queue_delay_us`` asks it
-to wait for a fuller batch) and hands it to that instance's thread. Without dynamic batching
-every request is its own batch.
+Runs on the event loop. Requests wait in ``Queues`` (one per priority level); whenever an instance
+is idle the scheduler forms the next batch (work-conserving unless ``max_queue_delay_us`` asks it
+to wait for a fuller batch) and hands it to that instance's thread. Without dynamic batching every
+request is its own batch. Every request carries a response sink (core/stream.py): a tensor-path
+batch ends with one final response per member; a request-path backend sends its own responses,
+and a decoupled model's request stays in flight until its final one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import functools
 import time
-from collections import deque
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from server.core.backend import uses_requests
 from server.core.config import DynamicBatching, ModelConfig, QueuePolicy
 from server.core.errors import ErrorCode, ServingError, invalid
-from server.telemetry import tracing
-from server.telemetry.stats import BACKEND, CANCELED, OTHER, REJECTED, ModelStats
+from server.core.stream import cancelled_error
+from server.telemetry.observer import ModelObserver
+from server.telemetry.stats import BACKEND, CANCELED, OTHER, REJECTED
 
 from . import batching
 from .instances import Instance, Job
+from .queues import DONE, QUEUED, RUNNING, Pending, Queues
 
-_QUEUED, _RUNNING, _DONE = 0, 1, 2
-
-
-class Pending:
-    """One queued request."""
-
-    __slots__ = (
-        "inputs", "size", "key", "outputs", "future", "level", "arrived_ns",
-        "deadline", "timeout_at", "state", "delayed", "trace",
-    )
-
-    def __init__(self, inputs, size, key, outputs, future, level, deadline, timeout_at, trace):
-        self.inputs = inputs
-        self.size = size
-        self.key = key
-        self.outputs = outputs
-        self.future = future
-        self.level = level
-        self.arrived_ns = time.perf_counter_ns()
-        self.deadline = deadline  # transport deadline (monotonic s), DEADLINE_EXCEEDED when passed
-        self.timeout_at = timeout_at  # queue-policy timeout (monotonic s)
-        self.state = _QUEUED
-        self.delayed = False
-        self.trace = trace
+NO_RESPONSE = "model '{}' finished a request without sending a response"
 
 
 class Scheduler:
-    def __init__(self, config: ModelConfig, stats: ModelStats, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: ModelConfig, observer: ModelObserver, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
-        self.stats = stats
+        self.observer = observer
         self._loop = loop
         self._batched = config.max_batch_size > 0
         self._db: DynamicBatching | None = config.dynamic_batching if self._batched else None
         db = self._db
         self._max_batch = config.max_batch_size if db else 0
-        self._levels = max(1, db.priority_levels) if db else 1
+        levels = max(1, db.priority_levels) if db else 1
         self._default_level = (db.default_priority_level or 1) if db and db.priority_levels else 1
-        self._queues: list[deque[Pending]] = [deque() for _ in range(self._levels + 1)]  # index 0 unused
-        self._delayed: deque[Pending] = deque()
+        self._queues = Queues(levels, loop, self._expired, self._dispatch)
         self._idle: list[Instance] = []
         self._instances: list[Instance] = []
-        self._timers: list[tuple[float, int, Pending]] = []
-        self._timer_handle: asyncio.TimerHandle | None = None
         self._delay_handle: asyncio.TimerHandle | None = None
-        self._counter = itertools.count()
-        self._queued = 0
-        self._running = 0
+        self._running = 0  # requests handed to an instance and not yet finished (final response)
         self._idle_event = asyncio.Event()
         self._idle_event.set()
+        self._request_path = False  # the backend sends its own responses (execute_requests)
         # preserve_ordering: completions are released in batch-formation order
         self._ordered = bool(db and db.preserve_ordering)
         self._next_seq = 0
@@ -85,6 +61,7 @@ class Scheduler:
     def add_instance(self, instance: Instance) -> None:
         self._instances.append(instance)
         self._idle.append(instance)
+        self._request_path = uses_requests(instance.backend)
 
     @property
     def on_done(self):
@@ -93,41 +70,29 @@ class Scheduler:
 
     # -- submission --------------------------------------------------------------------------
 
-    async def submit(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        parameters: Mapping[str, object],
-        deadline: float | None = None,
-        trace: object = None,
-    ) -> dict[str, np.ndarray]:
-        """Queue one validated request; resolves to its own outputs."""
+    def submit(self, request_id: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+               parameters: Mapping[str, object], deadline: float | None, trace: object, sink) -> None:
+        """Queue one validated request; its responses go to ``sink``. Raises ServingError when refused."""
         level, policy = self._level_and_policy(parameters)
-        if policy.max_queue_size and len(self._queues[level]) >= policy.max_queue_size:
+        if policy.max_queue_size and self._queues.level_length(level) >= policy.max_queue_size:
             raise ServingError(
                 ErrorCode.UNAVAILABLE,
                 f"Exceeds maximum queue size: {policy.max_queue_size} requests already queued "
                 f"for model '{self.config.name}' at priority level {level}",
             )
         timeout_us = self._timeout_us(policy, parameters)
-        now = time.monotonic()
-        timeout_at = now + timeout_us / 1e6 if timeout_us else None
+        timeout_at = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         size = next(iter(inputs.values())).shape[0] if self._batched and inputs else 1
         key = batching.batch_key(inputs) if self._db else None
-        future = self._loop.create_future()
-        item = Pending(inputs, size, key, outputs, future, level, deadline, timeout_at, trace)
-        if trace is not None:  # the queue span starts here (wall clock, as OpenTelemetry wants)
-            trace.queued_ns = time.time_ns()
-        self._queues[level].append(item)
-        self._queued += 1
-        self.stats.pending += 1
+        item = Pending(request_id, inputs, size, key, outputs, parameters, sink, level, deadline, timeout_at, trace)
+        if self._request_path:
+            sink.on_final = functools.partial(self._final, item)
+            sink.on_response = functools.partial(self._responded, item)
+        sink.on_cancel(functools.partial(self._cancelled, item))
+        self._queues.push(item)
+        self.observer.queued(item, self._queues.count)
         self._idle_event.clear()
-        future.add_done_callback(lambda f, item=item: self._on_future_done(item))
-        for when in (deadline, timeout_at):
-            if when is not None:
-                self._arm_timer(when, item)
         self._dispatch()
-        return await future
 
     def _level_and_policy(self, parameters: Mapping[str, object]) -> tuple[int, QueuePolicy]:
         db = self._db
@@ -160,86 +125,53 @@ class Scheduler:
                 return timeout
         return policy.default_timeout_us
 
-    # -- timeouts and cancellation -----------------------------------------------------------
+    # -- leaving the queue without running ---------------------------------------------------
 
-    def _arm_timer(self, when: float, item: Pending) -> None:
-        heapq.heappush(self._timers, (when, next(self._counter), item))
-        if self._timers[0][2] is item:
-            if self._timer_handle is not None:
-                self._timer_handle.cancel()
-            delay = max(0.0, when - time.monotonic())
-            self._timer_handle = self._loop.call_later(delay, self._expire)
+    def _expired(self, item: Pending, now: float) -> None:
+        if item.deadline is not None and item.deadline <= now:
+            self._drop(item, ServingError(ErrorCode.DEADLINE_EXCEEDED,
+                                          "request deadline passed while it waited in the queue"), REJECTED)
+        elif item.timeout_at is not None and item.timeout_at <= now and not item.delayed:
+            policy = self._db.policy_for(item.level) if self._db else QueuePolicy()
+            if policy.timeout_action == "DELAY":
+                self._queues.delay(item)
+            else:
+                self._drop(item, ServingError(ErrorCode.UNAVAILABLE, "Request timeout expired"), REJECTED)
 
-    def _expire(self) -> None:
-        self._timer_handle = None
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, item = heapq.heappop(self._timers)
-            if item.state != _QUEUED or item.future.done():
-                continue
-            if item.deadline is not None and item.deadline <= now:
-                error = ServingError(ErrorCode.DEADLINE_EXCEEDED,
-                                     "request deadline passed while it waited in the queue")
-                self._fail_queued(item, error, REJECTED)
-            elif item.timeout_at is not None and item.timeout_at <= now and not item.delayed:
-                policy = self._db.policy_for(item.level) if self._db else QueuePolicy()
-                if policy.timeout_action == "DELAY":
-                    self._queues[item.level].remove(item)
-                    item.delayed = True
-                    self._delayed.append(item)
-                else:
-                    error = ServingError(ErrorCode.UNAVAILABLE, "Request timeout expired")
-                    self._fail_queued(item, error, REJECTED)
-        if self._timers:
-            self._timer_handle = self._loop.call_later(max(0.0, self._timers[0][0] - now), self._expire)
-        self._dispatch()
+    def _cancelled(self, item: Pending) -> None:
+        # a cancelled caller (client gone, stream cancelled) leaves the queue at once, never executed
+        if item.state == QUEUED:
+            self._drop(item, cancelled_error(), CANCELED)
 
-    def _fail_queued(self, item: Pending, error: ServingError, reason: str) -> None:
-        self._unqueue(item)
-        self.stats.record_failure(time.perf_counter_ns() - item.arrived_ns, None, reason)
-        if item.trace is not None:
-            tracing.queue_failed(item.trace, error)
-        item.future.set_exception(error)
-
-    def _unqueue(self, item: Pending) -> None:
-        (self._delayed if item.delayed else self._queues[item.level]).remove(item)
-        item.state = _DONE
-        self._queued -= 1
+    def _drop(self, item: Pending, error: ServingError, reason: str) -> None:
+        self._queues.remove(item)
+        item.state = DONE  # the sink's hooks ignore it from here
+        self.observer.dropped(item, error, reason)
+        item.sink.finish(None, error)
         self._settle()
 
-    def _on_future_done(self, item: Pending) -> None:
-        # a cancelled caller (client gone) leaves the queue at once and is never executed
-        if item.future.cancelled() and item.state == _QUEUED:
-            self._unqueue(item)
-            self.stats.record_failure(time.perf_counter_ns() - item.arrived_ns, None, CANCELED)
-
     def _settle(self) -> None:
-        self.stats.pending = self._queued
-        if not self._queued and not self._running:
+        self.observer.pending(self._queues.count)
+        if not self._queues.count and not self._running:
             self._idle_event.set()
 
     # -- batch formation and dispatch --------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while self._idle and self._queued:
+        while self._idle and self._queues.count:
             members = self._form_batch()
             if not members:
                 return
             self._start(self._idle.pop(), members)
 
-    def _candidates(self):
-        for q in self._queues[1:]:
-            yield from q
-        yield from self._delayed
-
     def _form_batch(self) -> list[Pending] | None:
-        head = next(self._candidates(), None)
+        head = self._queues.head()
         if head is None:
             return None
         if self._db is None:
             return [head]
         db = self._db
-        same = [p for p in self._candidates() if p.key == head.key]
+        same = [p for p in self._queues if p.key == head.key]
         count = batching.cut_size([p.size for p in same], self._max_batch, db.preferred_batch_sizes)
         members = same[: max(1, count)]
         total = sum(p.size for p in members)
@@ -259,22 +191,16 @@ class Scheduler:
     def _start(self, instance: Instance, members: list[Pending]) -> None:
         now = time.perf_counter_ns()
         for p in members:
-            (self._delayed if p.delayed else self._queues[p.level]).remove(p)
-            p.state = _RUNNING
-        self._queued -= len(members)
+            self._queues.remove(p)
+            p.state = RUNNING
+            p.started_ns = now
         self._running += len(members)
-        self.stats.pending = self._queued
+        self.observer.pending(self._queues.count)
         wanted = [p.outputs for p in members]
         union = wanted[0] if len(members) == 1 else self._union(wanted)
-        job = Job(
-            parts=[p.inputs for p in members],
-            sizes=[p.size for p in members],
-            wanted=wanted,
-            outputs=union,
-            batched=self._batched,
-            members=(members, now, self._next_seq),
-            traces=[p.trace for p in members if p.trace is not None] or None,
-        )
+        traces = [p.trace for p in members if p.trace is not None] or None
+        job = Job(members=members, wanted=wanted, outputs=union, batched=self._batched,
+                  requests=self._request_path, seq=self._next_seq, traces=traces)
         self._next_seq += 1
         instance.submit(job)
 
@@ -287,7 +213,7 @@ class Scheduler:
     def _on_done(self, instance: Instance, job: Job) -> None:
         self._idle.append(instance)
         if self._ordered:
-            self._held[job.members[2]] = job
+            self._held[job.seq] = job
             while self._release_seq in self._held:
                 self._finish(self._held.pop(self._release_seq))
                 self._release_seq += 1
@@ -296,40 +222,70 @@ class Scheduler:
         self._dispatch()
 
     def _finish(self, job: Job) -> None:
-        members, started_ns, _ = job.members
-        end = time.perf_counter_ns()
-        if job.traces is not None:
-            tracing.batch_spans(job, self.config.name)
-        if job.timing is not None:
-            self.stats.record_batch(job.timing)
-        for i, p in enumerate(members):
-            p.state = _DONE
-            total, queued = end - p.arrived_ns, started_ns - p.arrived_ns
-            if p.future.done():  # caller went away while it ran
-                self.stats.record_failure(total, queued, CANCELED)
-            elif job.error is not None or (job.errors is not None and job.errors[i] is not None):
-                self.stats.record_failure(total, queued, BACKEND)
-                p.future.set_exception(job.error or job.errors[i])
+        self.observer.batch_done(job)
+        if job.requests:
+            self._finish_requests(job)
+            return
+        for i, p in enumerate(job.members):
+            p.state = DONE
+            error = job.error or (job.errors[i] if job.errors is not None else None)
+            if p.sink.is_cancelled():  # caller went away while it ran
+                self.observer.finished(p, cancelled_error(), CANCELED)
+            elif error is not None:
+                self.observer.finished(p, error, BACKEND)
+                p.sink.finish(None, error)
             else:
-                self.stats.record_success(total, queued)
-                p.future.set_result(job.results[i])
-        self._running -= len(members)
+                self.observer.finished(p, None, "")
+                p.sink.finish(job.results[i])
+        self._running -= len(job.members)
+        self._settle()
+
+    def _finish_requests(self, job: Job) -> None:
+        """After ``execute_requests`` returned: close what the backend left open (a decoupled
+        model's requests stay open until it sends their final)."""
+        for p in job.members:
+            sink = p.sink
+            if sink.closed:
+                continue
+            if job.error is not None and not (sink.responded and not sink.decoupled):
+                sink.send(error=job.error, final=True)
+            elif not sink.decoupled:
+                if sink.responded:
+                    sink.send(final=True)
+                else:
+                    sink.send(error=ServingError(ErrorCode.INTERNAL, NO_RESPONSE.format(self.config.name)),
+                              final=True)
+
+    def _responded(self, item: Pending, index: int, item_sent) -> None:
+        if item.state == DONE:
+            return
+        outputs, parameters, final, error = item_sent
+        self.observer.responded(item, index, final, error, empty=outputs is None and error is None)
+
+    def _final(self, item: Pending, error: ServingError | None) -> None:
+        """The final response of a request-path request was delivered (on the loop)."""
+        if item.state == DONE:
+            return
+        item.state = DONE
+        if item.sink.is_cancelled():
+            self.observer.finished(item, error or cancelled_error(), CANCELED)
+        else:
+            self.observer.finished(item, error, BACKEND if error is not None else "")
+        self._running -= 1
         self._settle()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Wait until nothing is queued or running."""
+        """Wait until nothing is queued or running (a decoupled request runs until its final)."""
         await self._idle_event.wait()
 
     async def close(self) -> None:
         """Fail whatever is still queued, stop the instance threads and free the backends."""
-        for item in list(self._candidates()):
-            if not item.future.done():
-                self._fail_queued(item, ServingError(ErrorCode.UNAVAILABLE,
-                                                     f"model '{self.config.name}' was unloaded"), OTHER)
-        for handle in (self._timer_handle, self._delay_handle):
-            if handle is not None:
-                handle.cancel()
+        for item in list(self._queues):
+            self._drop(item, ServingError(ErrorCode.UNAVAILABLE, f"model '{self.config.name}' was unloaded"), OTHER)
+        self._queues.close()
+        if self._delay_handle is not None:
+            self._delay_handle.cancel()
         instances, self._instances, self._idle = self._instances, [], []
         await asyncio.to_thread(lambda: [instance.close() for instance in instances])

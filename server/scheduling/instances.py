@@ -8,30 +8,34 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from server.core.backend import Backend
+from server.core.backend import Backend, BackendRequest
 from server.core.errors import ErrorCode, ServingError
-from server.telemetry import tracing
 from server.telemetry.stats import BatchTiming
 
 from . import batching
+
+if TYPE_CHECKING:
+    from server.telemetry.observer import ModelObserver
+
+    from .queues import Pending
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class Job:
-    """One batch to execute: the member requests' inputs, sizes and wanted outputs."""
+    """One batch to execute: its member requests and the outputs they want."""
 
-    parts: Sequence[Mapping[str, np.ndarray]]
-    sizes: Sequence[int]
-    wanted: Sequence[Sequence[str]]
+    members: Sequence["Pending"]
+    wanted: Sequence[Sequence[str]]  # per member
     outputs: Sequence[str]  # union of wanted, in configuration order
     batched: bool
-    members: Any = None  # the scheduler's own bookkeeping, untouched here
+    requests: bool  # the request path (execute_requests) instead of the tensor path
+    seq: int  # formation order (preserve_ordering releases completions in this order)
     traces: list | None = None  # the traced members' RequestTraces (telemetry/tracing.py); None: none
     span_times: tuple | None = None  # (start ns, end ns, instance) of a traced batch, for its spans
     # filled by the instance
@@ -41,49 +45,73 @@ class Job:
     errors: list[ServingError | None] | None = None
     timing: BatchTiming | None = None
 
+    @property
+    def sizes(self) -> list[int]:
+        return [p.size for p in self.members]
+
+
+def _failure(model: str, exc: Exception, what: str) -> ServingError:
+    log.exception("model '%s' failed to execute %s", model, what)
+    return ServingError(ErrorCode.INTERNAL, f"model '{model}' failed: {type(exc).__name__}: {exc}")
+
 
 def run_job(backend: Backend, job: Job, model: str) -> None:
-    """Execute ``job`` on ``backend``: concat, execute, split; never raises."""
+    """Execute ``job`` on ``backend``; never raises."""
+    if job.requests:
+        _run_requests(backend, job, model)
+        return
     t0 = time.perf_counter_ns()
+    sizes = job.sizes
     try:
-        inputs = batching.concat(job.parts)
+        inputs = batching.concat([p.inputs for p in job.members])
         t1 = time.perf_counter_ns()
         outputs = backend.execute(inputs, job.outputs)
         t2 = time.perf_counter_ns()
-        job.results = batching.split(outputs, job.sizes, job.wanted, job.batched)
+        job.results = batching.split(outputs, sizes, job.wanted, job.batched)
         t3 = time.perf_counter_ns()
-        job.timing = BatchTiming(sum(job.sizes), len(job.sizes), t1 - t0, t2 - t1, t3 - t2)
+        job.timing = BatchTiming(sum(sizes), len(sizes), t1 - t0, t2 - t1, t3 - t2)
     except ServingError as exc:
-        if exc.code == ErrorCode.INVALID_ARGUMENT and len(job.parts) > 1:
+        if exc.code == ErrorCode.INVALID_ARGUMENT and len(sizes) > 1:
             # the backend refused one member's data (e.g. non-UTF-8 text for ONNX strings):
             # run the members alone so that only the bad request fails, not its batch mates
             _run_members_alone(backend, job, model)
         else:
             job.error = exc
     except Exception as exc:  # a backend failure fails this batch only
-        log.exception("model '%s' failed to execute a batch of %d", model, sum(job.sizes))
-        job.error = ServingError(ErrorCode.INTERNAL, f"model '{model}' failed: {type(exc).__name__}: {exc}")
+        job.error = _failure(model, exc, f"a batch of {sum(sizes)}")
+
+
+def _run_requests(backend: Backend, job: Job, model: str) -> None:
+    start = time.perf_counter_ns()
+    requests = [BackendRequest(p.id, p.inputs, wanted, p.parameters, p.sink, p.trace)
+                for p, wanted in zip(job.members, job.wanted)]
+    try:
+        backend.execute_requests(requests)
+    except ServingError as exc:
+        job.error = exc
+    except Exception as exc:
+        job.error = _failure(model, exc, f"{len(requests)} requests")
+    sizes = job.sizes
+    job.timing = BatchTiming(sum(sizes), len(sizes), 0, time.perf_counter_ns() - start, 0)
 
 
 def _run_members_alone(backend: Backend, job: Job, model: str) -> None:
     results: list = []
     errors: list[ServingError | None] = []
     start = time.perf_counter_ns()
-    for part, size, wanted in zip(job.parts, job.sizes, job.wanted):
+    for p, wanted in zip(job.members, job.wanted):
         try:
-            outputs = backend.execute(part, wanted)
-            results.append(batching.split(outputs, [size], [wanted], job.batched)[0])
+            outputs = backend.execute(p.inputs, wanted)
+            results.append(batching.split(outputs, [p.size], [wanted], job.batched)[0])
             errors.append(None)
         except ServingError as exc:
             results.append(None)
             errors.append(exc)
         except Exception as exc:
-            log.exception("model '%s' failed to execute a request of batch size %d", model, size)
             results.append(None)
-            message = f"model '{model}' failed: {type(exc).__name__}: {exc}"
-            errors.append(ServingError(ErrorCode.INTERNAL, message))
+            errors.append(_failure(model, exc, f"a request of batch size {p.size}"))
     job.results, job.errors = results, errors
-    good = [size for size, error in zip(job.sizes, errors) if error is None]
+    good = [p.size for p, error in zip(job.members, errors) if error is None]
     if good:  # the statistics count what was inferred
         job.timing = BatchTiming(sum(good), len(good), 0, time.perf_counter_ns() - start, 0)
 
@@ -94,16 +122,16 @@ class Instance:
     def __init__(
         self,
         name: str,
-        model: str,
         backend: Backend,
         loop: asyncio.AbstractEventLoop,
         on_done: Callable[["Instance", Job], None],
+        observer: "ModelObserver",
     ) -> None:
         self.name = name
-        self.model = model
         self.backend = backend
         self._loop = loop
         self._on_done = on_done
+        self._observer = observer
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"inferd:{name}", daemon=True)
         self._thread.start()
@@ -116,10 +144,7 @@ class Instance:
             job = self._jobs.get()
             if job is None:
                 return
-            if job.traces is None:
-                run_job(self.backend, job, self.model)
-            else:  # times it for its spans (made on the loop) and tags its log lines
-                tracing.run_batch(run_job, self.backend, job, self.model, self.name)
+            self._observer.execute(run_job, self.backend, job, self.name)
             try:
                 self._loop.call_soon_threadsafe(self._on_done, self, job)
             except RuntimeError:  # loop closed during shutdown

@@ -1,4 +1,5 @@
-"""GPU gauges for the metrics endpoint: memory used/total and utilization per GPU, Triton's names.
+"""The GPU probe: how many GPUs this process may use (for instance placement), and the GPU gauges
+for the metrics endpoint (memory used/total and utilization per GPU, Triton's names).
 
 NVML (the ``nvidia-ml-py`` package, module ``pynvml``) is the source when it loads: it reads every
 GPU without creating a CUDA context. Without it, a process that already runs torch on CUDA reports
@@ -8,10 +9,13 @@ without a GPU, the families are simply absent; nothing here ever fails the serve
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -78,6 +82,39 @@ def _open_source() -> _Nvml | _Torch | None:
     except Exception as exc:  # noqa: BLE001 - a broken CUDA setup only costs the GPU gauges
         log.debug("torch.cuda unavailable for GPU metrics: %s", exc)
     return None
+
+
+def gpu_count() -> int:
+    """GPUs visible to this process, without creating a CUDA context or importing a framework.
+
+    CUDA_VISIBLE_DEVICES, when set, decides (NVML does not read it: it always sees every GPU);
+    otherwise NVML's device count, or the /dev/nvidia<N> device files where NVML is missing.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    count = _nvml_count()
+    return count if count is not None else len(list(Path("/dev").glob("nvidia[0-9]*")))
+
+
+@functools.cache
+def _nvml_count() -> int | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - no driver or library: no GPU as far as NVML knows
+        log.debug("NVML unavailable (%s): counting GPUs from /dev", exc)
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception as exc:  # noqa: BLE001
+        log.debug("NVML device count failed (%s): counting GPUs from /dev", exc)
+        return None
+    finally:
+        pynvml.nvmlShutdown()  # NVML counts its initializations: the metrics collector keeps its own
 
 
 class GpuCollector(Collector):

@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .custom_metrics import CustomCollector, CustomFamily
 from .gpu import GpuCollector
 from .stats import FAILURE_REASONS, BatchTiming, ModelStats, StatsSink
 
@@ -91,14 +92,21 @@ class _Buckets:
         return out
 
 
+# Triton's nv_inference_first_response_histogram_ms default buckets (milliseconds)
+_FIRST_MS = (100, 500, 2000, 5000)
+_FIRST_NS = tuple(ms * 1_000_000 for ms in _FIRST_MS)
+_FIRST_LE = tuple(str(ms) for ms in _FIRST_MS) + ("+Inf",)
+
+
 class _VersionHistograms:
-    __slots__ = ("batch", "compute", "queue", "request")
+    __slots__ = ("batch", "compute", "first", "queue", "request")
 
     def __init__(self) -> None:
         self.request = _Buckets(_LATENCY_NS)
         self.queue = _Buckets(_LATENCY_NS)
         self.compute = _Buckets(_LATENCY_NS)
         self.batch = _Buckets(BATCH_BUCKETS)
+        self.first = _Buckets(_FIRST_NS)
 
 
 # (family, help, attribute, le labels, scale of the sum)
@@ -111,6 +119,9 @@ _HISTOGRAMS = (
      "compute", _LATENCY_LE, 1e-9),
     ("inferd_batch_size", "Size of each executed batch (sum of its requests' batch sizes)",
      "batch", _BATCH_LE, 1),
+    # Triton's name and unit: time from arrival to a request's first response (its only one when unary)
+    ("nv_inference_first_response_histogram_ms", "Duration from request arrival to its first response in "
+     "milliseconds", "first", _FIRST_LE, 1e-6),
 )
 
 
@@ -159,6 +170,8 @@ class Metrics(StatsSink):
     def __init__(self, source: StatsSource, gpu: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ModelCollector(source))
+        self.custom = CustomCollector()
+        self.registry.register(self.custom)
         self.gpu = GpuCollector() if gpu else None
         if self.gpu is not None:
             self.registry.register(self.gpu)
@@ -173,6 +186,14 @@ class Metrics(StatsSink):
             h = stats.sink_state = _VersionHistograms()
         h.request.observe(total_ns)
         h.queue.observe(queue_ns)
+        if not stats.responses:  # a unary model: its one response is its first (senders report their own)
+            h.first.observe(total_ns)
+
+    def first_response(self, stats: ModelStats, ns: int) -> None:
+        h = stats.sink_state
+        if h is None:
+            h = stats.sink_state = _VersionHistograms()
+        h.first.observe(ns)
 
     def batch(self, stats: ModelStats, timing: BatchTiming) -> None:
         h = stats.sink_state
@@ -180,6 +201,10 @@ class Metrics(StatsSink):
             h = stats.sink_state = _VersionHistograms()
         h.compute.observe(timing.input_ns + timing.infer_ns + timing.output_ns)
         h.batch.observe(timing.batch_size)
+
+    def custom_family(self, name: str, description: str, kind: str, buckets=None) -> CustomFamily:
+        """A model's own metric family (pb_utils.MetricFamily)."""
+        return self.custom.family(name, description, kind)
 
     # -- exposition ---------------------------------------------------------------------------
 

@@ -48,6 +48,18 @@ class BatchTiming:
 
 
 @dataclass(slots=True)
+class ResponseStats:
+    """One response index's statistics (Triton's InferResponseStatistics)."""
+
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    empty_response: Duration = field(default_factory=Duration)
+    cancel: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
 class ModelStats:
     name: str
     version: int
@@ -62,6 +74,8 @@ class ModelStats:
     last_inference_ms: int = 0
     pending: int = 0  # requests waiting in the queue, not yet executing (Triton's pending count)
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    # per response index ("0", "1", ...), for models that answer through response senders
+    responses: dict[int, ResponseStats] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
     sink: "StatsSink | None" = None
     # the sink's own per-version state (e.g. its histograms): it lives and dies with these
@@ -91,6 +105,31 @@ class ModelStats:
         if self.sink is not None:
             self.sink.request(self, True, total_ns, queue_ns)
 
+    def record_first_response(self, ns: int) -> None:
+        if self.sink is not None:
+            self.sink.first_response(self, ns)
+
+    def record_response(self, index: int, ns: int, failed: bool, empty: bool) -> None:
+        """A response at ``index`` took ``ns`` since the previous one (or since execution started)."""
+        per = self.responses.get(index)
+        if per is None:
+            per = self.responses[index] = ResponseStats()
+        if empty:
+            per.empty_response.add(ns)
+        elif failed:
+            per.fail.add(ns)
+        else:
+            per.success.add(ns)
+            per.compute_infer.add(ns)
+            per.compute_output.add(0)
+
+    def record_cancel(self, index: int, ns: int) -> None:
+        """A request was cancelled after ``index`` responses."""
+        per = self.responses.get(index)
+        if per is None:
+            per = self.responses[index] = ResponseStats()
+        per.cancel.add(ns)
+
     def record_failure(self, total_ns: int, queue_ns: int | None = None, reason: str = OTHER) -> None:
         self.fail.add(total_ns)
         self.failures[reason] += 1
@@ -108,6 +147,9 @@ class StatsSink:
         pass
 
     def request(self, stats: ModelStats, ok: bool, total_ns: int, queue_ns: int | None) -> None:  # pragma: no cover
+        pass
+
+    def first_response(self, stats: ModelStats, ns: int) -> None:  # pragma: no cover - interface
         pass
 
 
@@ -134,7 +176,17 @@ def to_dict(stats: ModelStats) -> dict:
             "cache_hit": zero,
             "cache_miss": zero,
         },
-        "response_stats": {},
+        "response_stats": {
+            str(index): {
+                "compute_infer": _duration_dict(r.compute_infer),
+                "compute_output": _duration_dict(r.compute_output),
+                "success": _duration_dict(r.success),
+                "fail": _duration_dict(r.fail),
+                "empty_response": _duration_dict(r.empty_response),
+                "cancel": _duration_dict(r.cancel),
+            }
+            for index, r in sorted(stats.responses.items())
+        },
         "batch_stats": [
             {
                 "batch_size": size,

@@ -61,14 +61,35 @@ def _load() -> Any:
     return _x
 
 
-def _install_log_tag() -> None:
-    """Append the handled request's trace id to every log record made while it is handled."""
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "_inferd_trace", False):
-        return
+class _LogTag:
+    """Appends the handled request's trace id to every log record made while it is handled.
 
-    def factory(*args, **kwargs) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
+    A process-wide ``logging`` record factory: installed only while tracing is on (a pipeline was
+    built), by the first Tracing that turns on, and taken out again when the last one shuts down,
+    leaving whatever factory was there before.
+    """
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.previous: Callable[..., logging.LogRecord] | None = None
+
+    def acquire(self) -> None:
+        self.users += 1
+        if self.users == 1:
+            self.previous = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(self.factory)
+
+    def release(self) -> None:
+        if self.users == 0:
+            return
+        self.users -= 1
+        if self.users == 0 and self.previous is not None:
+            if logging.getLogRecordFactory() == self.factory:  # nobody installed one on top of ours
+                logging.setLogRecordFactory(self.previous)
+            self.previous = None
+
+    def factory(self, *args, **kwargs) -> logging.LogRecord:
+        record = (self.previous or logging.LogRecord)(*args, **kwargs)
         traced = _LOG_TAG.get()
         if traced is not None:  # formatted only when something is logged
             ids = [traced] if isinstance(traced, RequestTrace) else traced
@@ -80,8 +101,8 @@ def _install_log_tag() -> None:
             record.trace_id = tag  # for formatters that want it as a field
         return record
 
-    factory._inferd_trace = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(factory)
+
+_log_tag = _LogTag()
 
 
 # service and method are in the span name; every attribute is encoded and sent for every request
@@ -113,7 +134,7 @@ class RequestTrace:
     The queue and batch spans hang from ``span_id``."""
 
     __slots__ = ("emitter", "trace_id", "span_id", "trace_state", "parent_id", "parent_remote", "name",
-                 "kind", "attributes", "start_ns", "queued_ns")
+                 "kind", "attributes", "start_ns", "queued_ns", "stream")
 
     def __init__(self, emitter, ids: tuple, parent_id: int, parent_remote: bool, incoming: Incoming,
                  attributes: dict) -> None:
@@ -124,6 +145,7 @@ class RequestTrace:
         self.attributes = attributes
         self.start_ns = incoming.start_ns
         self.queued_ns = 0
+        self.stream = incoming.stream
 
     def child(self, name: str, attributes: dict | None, start: int, end: int, status=None) -> None:
         self.emitter.emit(name, _x.INTERNAL, self.trace_id, self.emitter.new_span_id(), self.trace_state,
@@ -199,7 +221,7 @@ class Tracing:
         self.provider: Any = None
         self.emitter: Any = None
         self.on = False  # the hot-path check: some setting traces and the pipeline exists
-        _install_log_tag()
+        self._tagging = False  # this one holds the log tag (tracing.py's record factory)
         if self.settings.any_on():
             self._build()
         self.on = self.emitter is not None and self.settings.any_on()
@@ -219,6 +241,8 @@ class Tracing:
         # spans go out pre-encoded when the one exporter is inferd's OTLP/gRPC one (trace_export.py)
         fast = self.config.exporters == ["otlp"] and self.config.protocol == "grpc"
         self.emitter = _x.Emitter(self.provider, processors, __version__, fast=fast)
+        _log_tag.acquire()
+        self._tagging = True
         env = os.environ if self.env is None else self.env
         where = (self.config.url or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
                  or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4317")
@@ -233,6 +257,9 @@ class Tracing:
         self.on = False
         if self.provider is not None:
             self.provider.shutdown()
+        if self._tagging:
+            self._tagging = False
+            _log_tag.release()
 
     # -- the trace extension ----------------------------------------------------------------
 
@@ -297,18 +324,42 @@ class Tracing:
         parent_id = caller.span_id if caller is not None else 0
         return RequestTrace(self.emitter, ids, parent_id, caller is not None, incoming, attributes)
 
-    async def infer(self, call: Callable[[Any], Awaitable[Any]], request) -> Any:
-        """Run ``call(request)`` (the data plane's inference) inside the request's server span."""
+    def begin(self, request) -> Any:
+        """Open the request's server span: ``request.trace`` (an Incoming) becomes its RequestTrace, or
+        None when it is not traced. Returns the log-tag token to hand to ``end``."""
         incoming, request.trace = request.trace, None
         rt = self.start(incoming, request.model_name, request.id)
         if rt is None:
-            return await call(request)
+            return None
         request.trace = rt
-        token = _LOG_TAG.set(rt)
-        status, message = "OK", ""
+        return _LOG_TAG.set(rt)
+
+    def end(self, request, token: Any, status: str = "OK", message: str = "", version: str = "") -> None:
+        """Close the server span ``begin`` opened (when the request's final response is out)."""
+        rt: RequestTrace = request.trace
+        if token is not None:
+            try:
+                _LOG_TAG.reset(token)
+            except ValueError:  # ended in another context (a stream's final arrives from a callback)
+                pass
+        if version:
+            rt.attributes["model_version"] = version
+        elif status != "OK" and request.model_version:  # the version asked for, when none answered
+            rt.attributes["model_version"] = request.model_version
+        rt.finish(status, message)
+        stream = rt.stream
+        if stream is not None:
+            stream.responded(request.id, status)
+
+    async def infer(self, call: Callable[[Any], Awaitable[Any]], request) -> Any:
+        """Run ``call(request)`` (the data plane's unary inference) inside the request's server span."""
+        token = self.begin(request)
+        if request.trace is None:
+            return await call(request)
+        status, message, version = "OK", "", ""
         try:
             response = await call(request)
-            rt.attributes["model_version"] = response.model_version
+            version = response.model_version
             return response
         except ServingError as exc:
             status, message = exc.code.name, exc.message
@@ -320,12 +371,7 @@ class Tracing:
             status, message = "INTERNAL", f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            _LOG_TAG.reset(token)
-            if status != "OK" and request.model_version:  # the version asked for, when none answered
-                rt.attributes["model_version"] = request.model_version
-            rt.finish(status, message)
-            if incoming.stream is not None:
-                incoming.stream.responded(request.id, status)
+            self.end(request, token, status, message, version)
 
 
 # ---------------------------------------------------------------- scheduler: queue and batch spans

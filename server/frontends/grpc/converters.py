@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf import json_format
 
 from server.core import dtypes
 from server.core.errors import invalid
@@ -103,23 +104,6 @@ def set_param(p: pb.InferParameter, value) -> None:
         p.string_param = str(value)
 
 
-def _duration(target, d) -> None:
-    target.count = d.count
-    target.ns = d.ns
-
-
-def fill_statistics(target: pb.ModelStatistics, stats) -> None:
-    target.name = stats.name
-    target.version = str(stats.version)
-    target.last_inference = stats.last_inference_ms
-    target.inference_count = stats.inference_count
-    target.execution_count = stats.execution_count
-    s = target.inference_stats
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-        _duration(getattr(s, field), getattr(stats, field))
-    for size in sorted(stats.batches):
-        b = stats.batches[size]
-        entry = target.batch_stats.add(batch_size=size)
-        _duration(entry.compute_input, b.compute_input)
-        _duration(entry.compute_infer, b.compute_infer)
-        _duration(entry.compute_output, b.compute_output)
+def fill_statistics(target: pb.ModelStatisticsResponse, documents: list[dict]) -> None:
+    """The statistics extension's documents (the data plane renders them once) as the gRPC message."""
+    json_format.ParseDict({"model_stats": documents}, target)

@@ -71,9 +71,12 @@ class GrpcFrontend:
         await self.health.set("liveness", SERVING if self.dataplane.live() else NOT_SERVING)
 
     async def _watch(self) -> None:
-        # readiness can change without a request (loads, strict readiness): keep health in step
+        # readiness can change without a request (loads and unloads under strict readiness): keep
+        # health in step with each change; the app calls sync_health itself on start and drain
+        changes = self.dataplane.changes
+        seen = changes.count
         while True:
-            await asyncio.sleep(0.5)
+            seen = await changes.wait(seen)
             await self.sync_health()
 
     async def stop(self, grace: float | None) -> None:

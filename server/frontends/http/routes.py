@@ -6,17 +6,18 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from server.core.errors import ErrorCode, ServingError, invalid, unavailable
-from server.dataplane import DataPlane
-from server.telemetry.stats import to_dict
+from server.dataplane import DECOUPLED_UNARY, DataPlane
 
-from . import converters
+from . import converters, generate
 
 JSON = "application/json"
+SSE = "text/event-stream; charset=utf-8"
+DECOUPLED_HTTP = "HTTP end point doesn't support models with decoupled transaction policy"
 BINARY = "application/octet-stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -39,6 +40,10 @@ class Reply:
     parts: list = field(default_factory=list)  # body parts, sent in order
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
+    # a streamed body (server-sent events): chunks written as they come; ``close`` runs when the
+    # stream ends or the client goes away (it cancels the request)
+    events: AsyncIterator[bytes] | None = None
+    close: Callable[[], None] | None = None
 
 
 class HttpError(Exception):
@@ -99,14 +104,7 @@ async def ready(dp: DataPlane, call: Call) -> Reply:
     # KServe's convention (protocol.md §4.6): a body clients can parse when true, 503 when not, so
     # Kubernetes probes and both client libraries read the same answer
     if not dp.ready():
-        reason = (
-            "it is shutting down"
-            if dp.draining
-            else "models are still loading"
-            if not dp.started
-            else "not every model is ready"
-        )
-        raise unavailable(f"the server is not ready: {reason}")
+        raise unavailable(f"the server is not ready: {dp.not_ready_reason()}")
     return ok({"ready": True})
 
 
@@ -116,27 +114,17 @@ async def server_metadata(dp: DataPlane, call: Call) -> Reply:
 
 async def model_list(dp: DataPlane, call: Call) -> Reply:
     """KServe's GET /v2/models: the names of the models with a ready version."""
-    names = sorted({name for name, _, _, _ in dp.repository.index(ready_only=True)})
-    return ok({"models": names})
+    return ok({"models": dp.model_names()})
 
 
 async def model_metadata(dp: DataPlane, call: Call) -> Reply:
-    name, version = call.group("model"), call.group("version")
-    config = dp.model(name, version).config
-    lead = [-1] if config.max_batch_size > 0 else []
-    return ok(
-        {
-            "name": config.name,
-            "versions": dp.model_versions(name, version),
-            "platform": config.platform or config.backend,
-            "inputs": [
-                {"name": s.name, "datatype": s.datatype, "shape": lead + list(s.dims)} for s in config.inputs
-            ],
-            "outputs": [
-                {"name": s.name, "datatype": s.datatype, "shape": lead + list(s.dims)} for s in config.outputs
-            ],
-        }
-    )
+    meta = dp.model_metadata(call.group("model"), call.group("version"))
+
+    def tensors(items) -> list[dict]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in items]
+
+    return ok({"name": meta.name, "versions": meta.versions, "platform": meta.platform,
+               "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)})
 
 
 async def model_ready(dp: DataPlane, call: Call) -> Reply:
@@ -147,12 +135,11 @@ async def model_ready(dp: DataPlane, call: Call) -> Reply:
 
 
 async def model_config(dp: DataPlane, call: Call) -> Reply:
-    return ok(dp.model_config(call.group("model"), call.group("version")))
+    return ok(dp.model_config_json(call.group("model"), call.group("version")))
 
 
 async def statistics(dp: DataPlane, call: Call) -> Reply:
-    versions = dp.statistics(call.group("model"), call.group("version"))
-    return ok({"model_stats": [to_dict(mv.stats) for mv in versions]})
+    return ok({"model_stats": dp.statistics(call.group("model"), call.group("version"))})
 
 
 # ---------------------------------------------------------------- repository
@@ -164,9 +151,10 @@ async def repository_index(dp: DataPlane, call: Call) -> Reply:
     if not isinstance(ready_only, bool):
         raise invalid(f"repository index 'ready' must be a boolean, got {ready_only!r}")
     rows = []
-    for name, version, state, reason in dp.repository.index(ready_only):
-        row = {"name": name}
-        row.update({k: v for k, v in (("version", version), ("state", state), ("reason", reason)) if v})
+    for entry in dp.repository_index(ready_only):
+        row = {"name": entry.name}
+        row.update({k: v for k, v in (("version", entry.version), ("state", entry.state),
+                                      ("reason", entry.reason)) if v})
         rows.append(row)
     return ok(rows)
 
@@ -176,29 +164,23 @@ async def model_load(dp: DataPlane, call: Call) -> Reply:
     params = _json_object(call, "load").get("parameters", {})
     if not isinstance(params, dict):
         raise invalid("load 'parameters' must be a JSON object")
-    config, files = None, {}
+    decoded = dict(params)
     for key, value in params.items():
-        if key == "config":
-            if not isinstance(value, str):
-                raise invalid("load parameter 'config' must be a string holding the model configuration JSON")
-            config = value
-        elif key.startswith("file:"):
+        if key.startswith("file:"):  # REST carries file contents in base64; the rules are the data plane's
             try:
-                files[key[5:]] = base64.b64decode(value, validate=True)
+                decoded[key] = base64.b64decode(value, validate=True)
             except (binascii.Error, TypeError, ValueError):
                 raise invalid(f"load parameter '{key}' must be base64-encoded file content") from None
-        else:
-            raise invalid(f"unrecognized load parameter '{key}'")
-    await dp.load(call.group("model"), config, files)
+    await dp.load(call.group("model"), decoded)
     return ok({})
 
 
 async def model_unload(dp: DataPlane, call: Call) -> Reply:
     _no_repository_name(call)
     params = _json_object(call, "unload").get("parameters", {})
-    if not isinstance(params, dict) or not isinstance(params.get("unload_dependents", False), bool):
-        raise invalid("unload 'parameters' must be a JSON object; 'unload_dependents' a boolean")
-    await dp.unload(call.group("model"))
+    if not isinstance(params, dict):
+        raise invalid("unload 'parameters' must be a JSON object")
+    await dp.unload(call.group("model"), params)
     return ok({})
 
 
@@ -209,13 +191,80 @@ async def infer(dp: DataPlane, call: Call) -> Reply:
     request, fmt = converters.parse_infer(
         call.group("model"), call.group("version"), call.body, call.headers.get(HEADER_LENGTH)
     )
-    if dp.tracing.on:  # the caller's trace context (traceparent / tracestate headers)
-        request.trace = dp.tracing.from_http(call.headers)
-    response = await dp.infer(request)
+    if dp.tracing_on:  # the caller's trace context (traceparent / tracestate headers)
+        request.trace = dp.trace_http(call.headers)
+    try:
+        response = await dp.infer(request)
+    except ServingError as exc:
+        if exc.message == DECOUPLED_UNARY:  # Triton's REST wording for the same refusal
+            raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_HTTP) from None
+        raise
     header, blobs = converters.encode_infer(response, fmt)
     if not blobs:
         return Reply(200, [header])
     return Reply(200, [header, *blobs], BINARY, {HEADER_LENGTH: str(len(header))})
+
+
+# ---------------------------------------------------------------- generate extension
+
+
+def _generate_request(dp: DataPlane, call: Call):
+    encoding = call.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise invalid(generate.BAD_ENCODING)
+    meta = dp.model_metadata(call.group("model"), call.group("version"))
+    request = generate.to_request(meta, call.group("version"), call.body)
+    if dp.tracing_on:
+        request.trace = dp.trace_http(call.headers)
+    return dp.stream(request)
+
+
+async def generate_one(dp: DataPlane, call: Call) -> Reply:
+    """POST .../generate: exactly one response, as one JSON object."""
+    stream = _generate_request(dp, call)
+    responses = []
+    try:
+        async for response in stream:
+            if response.error is not None:
+                if not responses:
+                    raise response.error
+                return Reply(200, [converters.dumps({"error": response.error.message})])
+            if response.outputs or response.parameters:
+                responses.append(response)
+    finally:
+        stream.cancel()  # a no-op once the final arrived; cancels the request if the client went away
+    if len(responses) != 1:
+        return Reply(200, [converters.dumps({"error": generate.NOT_ONE})])
+    return ok(generate.to_event(responses[0]))
+
+
+async def generate_stream(dp: DataPlane, call: Call) -> Reply:
+    """POST .../generate_stream: server-sent events, one per response. The status is decided by the
+    first response (an error there is a plain JSON error); later errors are ``data: {"error": ...}``."""
+    stream = _generate_request(dp, call)
+    first = None
+    try:
+        async for response in stream:
+            if response.error is not None:
+                raise response.error
+            if response.outputs or response.parameters:
+                first = response
+                break
+    except BaseException:
+        stream.cancel()
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        if first is None:
+            return
+        yield generate.sse(generate.to_event(first))
+        async for response in stream:
+            if response.error is not None:
+                yield generate.sse({"error": response.error.message})
+            elif response.outputs or response.parameters:
+                yield generate.sse(generate.to_event(response))
+
+    return Reply(200, content_type=SSE, events=events(), close=stream.cancel)
 
 
 # ---------------------------------------------------------------- trace extension
@@ -292,7 +341,8 @@ ROUTES: list[tuple[str, dict[str, Handler]]] = [
     (_MODEL + r"/config", {"GET": model_config}),
     (_MODEL + r"/stats", {"GET": statistics}),
     (_MODEL + r"/infer", {"POST": infer}),
-    (_MODEL + r"/generate(?:_stream)?", {"POST": unsupported("generate")}),
+    (_MODEL + r"/generate", {"POST": generate_one}),
+    (_MODEL + r"/generate_stream", {"POST": generate_stream}),
     (
         r"/v2/models/(?P<model>[^/]+)/trace/setting",
         {"GET": trace_get, "POST": trace_update},

@@ -142,6 +142,9 @@ class HttpFrontend:
             access_log=None,
             read_bufsize=1 << 20,
             logger=_ProtocolLogger(),
+            # a client that disconnects cancels its handler: its queued request leaves the queue,
+            # a running stream is cancelled in the backend
+            handler_cancellation=True,
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -205,6 +208,8 @@ class HttpFrontend:
         return await self._send(request, reply)
 
     async def _send(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
+        if reply.events is not None:
+            return await self._send_events(request, reply)
         headers = {"Content-Type": reply.content_type, **reply.headers}
         parts = reply.parts
         size = sum(len(p) for p in parts)
@@ -227,4 +232,22 @@ class HttpFrontend:
         for part in parts:
             await response.write(part)
         await response.write_eof()
+        return response
+
+    async def _send_events(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
+        """A server-sent event stream: each chunk as it comes (chunked encoding, no compression).
+        The handler is cancelled when the client disconnects; ``reply.close`` then cancels the request."""
+        response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type,
+                                                                     "Cache-Control": "no-cache",
+                                                                     **reply.headers})
+        response.enable_chunked_encoding()
+        try:
+            await response.prepare(request)
+            async for chunk in reply.events:
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            if reply.close is not None:
+                reply.close()
+            await reply.events.aclose()
         return response

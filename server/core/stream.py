@@ -1,0 +1,199 @@
+"""Response sinks: where one request's responses go, and how cancellation flows back.
+
+A sink is created on the event loop for every request. The producer side (the scheduler, or a
+backend through the ``ResponseSender`` protocol of core/backend.py) may call ``send`` from any
+thread; delivery always happens on the loop. Two kinds:
+
+- ``UnaryResponse``: a unary call (gRPC ModelInfer, REST infer). It resolves one future with the
+  request's single response; the fast path (``finish``) costs one future resolution.
+- ``ResponseStream``: ModelStreamInfer, generate_stream, the OpenAI routes. An async iterator of
+  ``InferResponse`` items, each with ``final`` and ``error``; ``cancel()`` tells the producer.
+
+Both enforce Triton's sender rules (the exact texts of its Python backend): nothing after the
+final, and a non-decoupled model sends exactly one response before its final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import Any, Callable, Mapping
+
+from .errors import ErrorCode, ServingError
+
+CLOSED = "Unable to send response. Response sender has been closed."
+MORE_THAN_ONE = "Unable to send response. Non-decoupled model cannot send more than one response."
+FINAL_FIRST = "Unable to send response. Non-decoupled model cannot send complete final before sending a response."
+
+# (outputs, parameters, final, error): one response as the producer sent it
+Item = tuple[Mapping[str, Any] | None, Mapping[str, Any] | None, bool, ServingError | None]
+Render = Callable[[Item], Any]  # -> InferResponse; supplied by the data plane
+
+
+def cancelled_error() -> ServingError:
+    return ServingError(ErrorCode.CANCELLED, "Request was cancelled")
+
+
+class _Sink:
+    __slots__ = ("_loop", "_thread", "_lock", "_closed", "_responses", "_cancelled", "_callbacks",
+                 "decoupled", "on_final", "on_response")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, decoupled: bool) -> None:
+        self._loop = loop
+        self._thread = threading.get_ident()  # sinks are made on the loop's thread
+        self._lock = threading.Lock()
+        self._closed = False
+        self._responses = 0
+        self._cancelled = False
+        self._callbacks: list[Callable[[], None]] | None = None
+        self.decoupled = decoupled
+        # the scheduler's hooks, called on the loop: a response was delivered (index, item), and the
+        # final was (error or None); set before the request can produce anything
+        self.on_final: Callable[[ServingError | None], None] | None = None
+        self.on_response: Callable[[int, Item], None] | None = None
+
+    # -- producer side (ResponseSender) ------------------------------------------------------
+
+    def send(self, outputs: Mapping[str, Any] | None = None, *, final: bool = False,
+             error: ServingError | None = None, parameters: Mapping[str, Any] | None = None) -> None:
+        has_response = outputs is not None or error is not None or bool(parameters)
+        with self._lock:
+            if self._closed:
+                raise ServingError(ErrorCode.INTERNAL, CLOSED)
+            if not self.decoupled:
+                if has_response and self._responses:
+                    raise ServingError(ErrorCode.INTERNAL, MORE_THAN_ONE)
+                if final and not has_response and not self._responses:
+                    raise ServingError(ErrorCode.INTERNAL, FINAL_FIRST)
+            if has_response:
+                self._responses += 1
+            if final:
+                self._closed = True
+        item: Item = (outputs, parameters, final, error)
+        if threading.get_ident() == self._thread:
+            self._deliver(item)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, item)
+            except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+                pass
+
+    def finish(self, outputs: Mapping[str, Any] | None, error: ServingError | None = None) -> None:
+        """The scheduler's one final response (on the loop): the unary fast path."""
+        if self._closed:
+            return
+        self._closed = True
+        self._responses += 1
+        self._deliver((outputs, None, True, error))
+
+    @property
+    def closed(self) -> bool:
+        """The final was sent."""
+        return self._closed
+
+    @property
+    def responded(self) -> int:
+        return self._responses
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        if self._cancelled:
+            self._loop.call_soon_threadsafe(callback)
+            return
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
+
+    # -- loop side ---------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """The caller is gone (on the loop): tell the producer; later responses are dropped."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            callback()
+
+    def _deliver(self, item: Item) -> None:
+        raise NotImplementedError
+
+    def _hooks(self, item: Item) -> None:
+        if self.on_response is not None and (item[0] is not None or item[3] is not None or item[1]):
+            self.on_response(self._responses - 1, item)
+        if item[2] and self.on_final is not None:
+            self.on_final(item[3])
+
+
+class UnaryResponse(_Sink):
+    """The sink of a unary call: ``await result()`` gives the one response's item."""
+
+    __slots__ = ("_future", "_item")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop, decoupled=False)
+        self._future: asyncio.Future = loop.create_future()
+        self._item: Item | None = None
+        self._future.add_done_callback(self._on_done)
+
+    def _on_done(self, future: asyncio.Future) -> None:
+        if future.cancelled():  # the awaiting caller was cancelled (client gone, deadline)
+            self.cancel()
+
+    def _deliver(self, item: Item) -> None:
+        if item[0] is not None or item[3] is not None or item[1]:
+            self._item = item
+        self._hooks(item)
+        if item[2] and not self._future.done():
+            if self._item is None:
+                self._future.set_exception(ServingError(ErrorCode.INTERNAL, FINAL_FIRST))
+            elif self._item[3] is not None:
+                self._future.set_exception(self._item[3])
+            else:
+                self._future.set_result(self._item)
+
+    def result(self) -> asyncio.Future:
+        return self._future
+
+
+class ResponseStream(_Sink):
+    """The sink of a streaming call, iterated on the loop: ``async for response in stream``."""
+
+    __slots__ = ("_items", "_waiter", "_ended", "_render", "empty_final")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, decoupled: bool, render: Render) -> None:
+        super().__init__(loop, decoupled)
+        self._items: deque[Item] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._ended = False
+        self._render = render
+        self.empty_final = False  # the caller asked for Triton's empty final response (streams only)
+
+    def _deliver(self, item: Item) -> None:
+        self._hooks(item)
+        if self._cancelled:
+            return
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> "ResponseStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._ended or self._cancelled:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        if item[2]:
+            self._ended = True
+        return self._render(item)
