@@ -67,3 +67,45 @@ class Collector:
     def wait(self, timeout: float = 60.0):
         assert self.done.wait(timeout), "sequence did not finish"
         return self
+
+
+LLM_CONFIG = """backend: "llm"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters [
+  {{ key: "max_num_seqs" value: {{ string_value: "{max_num_seqs}" }} }},
+  {{ key: "kv_cache_tokens" value: {{ string_value: "{kv_cache_tokens}" }} }},
+  {{ key: "default_max_tokens" value: {{ string_value: "16" }} }}
+]
+"""
+
+
+def llm_repository(root: Path, name: str = "llm", max_num_seqs: int = 8, kv_cache_tokens: int = 1024) -> Path:
+    """A repository holding one llm-backend model (the random GPT-2, 256 positions)."""
+    save_model_folder(root / name / "1")
+    (root / name / "config.pbtxt").write_text(LLM_CONFIG.format(max_num_seqs=max_num_seqs,
+                                                                kv_cache_tokens=kv_cache_tokens))
+    return root
+
+
+def scrape(metrics_port: int) -> dict[tuple[str, frozenset], float]:
+    """/metrics as {(sample name, labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    found = [v for (n, ls), v in samples.items() if n == name and want <= ls]
+    assert found, f"no sample {name} {labels}"
+    return sum(found)

@@ -14,6 +14,7 @@ from .params import SamplingParams
 class TokenLogprobs:
     token_id: int
     logprob: float
+    rank: int  # 1 + how many tokens were more likely
     top: list[tuple[int, float]]  # the most likely tokens of the step, best first
 
 
@@ -56,5 +57,6 @@ def logprobs(logits: torch.Tensor, rows: Sequence[int], tokens: Sequence[int],
         if count:
             values, ids = torch.topk(lp, count)
             top = list(zip(ids.tolist(), values.tolist()))
-        out.append(TokenLogprobs(token, float(lp[token]), top))
+        chosen = lp[token]
+        out.append(TokenLogprobs(token, float(chosen), int((lp > chosen).sum()) + 1, top))
     return out

@@ -27,6 +27,7 @@ class ServingFactory:
         """Start the instance threads of a loaded version (on the event loop)."""
         loop = asyncio.get_running_loop()
         stats = ModelStats(name, version, sink=self.sink)
+        stats.collectors = [b.collect_metrics for _, b in backends if callable(getattr(b, "collect_metrics", None))]
         observer = ModelObserver(stats)
         scheduler = Scheduler(config, observer, loop)
         for instance_name, backend in backends:
