@@ -36,6 +36,7 @@ MAX_N = 16
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 501: "invalid_request_error",
                 503: "server_error", 504: "server_error"}
 _UNSUPPORTED = ("logit_bias", "suffix", "tools", "tool_choice", "functions", "function_call", "response_format")
+_VLLM_EXTRAS = ("top_k", "ignore_eos", "stop_token_ids", "include_stop_str_in_output")
 _OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason", "logprobs")
 
 
@@ -169,6 +170,10 @@ class _Job:
             self.top_logprobs = count or 0
         if self.logprobs:
             sampling["logprobs"] = self.top_logprobs
+        # vLLM's extra sampling parameters (its OpenAI server accepts them too); the model validates
+        for key in _VLLM_EXTRAS:
+            if doc.get(key) is not None:
+                sampling[key] = doc[key]
         self.sampling = sampling
         if is_chat:
             self.messages = chat.normalize(doc.get("messages"))
