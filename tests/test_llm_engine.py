@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from backends.llm.detok import Detokenizer, StopText  # noqa: E402
+from backends.llm.detok import ByteDetokenizer, Detokenizer, StopText, byte_table  # noqa: E402
 from backends.llm.engine import Engine, EngineOptions  # noqa: E402
 from backends.llm.params import SamplingParams, parse  # noqa: E402
 from server.core.errors import ErrorCode, ServingError  # noqa: E402
@@ -93,17 +93,25 @@ def test_short_request_finishes_before_long_ones(make_engine, tok):
     assert short.final.timing.finished < min(c.final.timing.finished for c in longs)
 
 
-def test_static_scheduling_waits_for_the_batch(make_engine, tok):
+def test_static_scheduling_waits_for_the_batch(make_engine, model64, tok):
     engine = make_engine(max_num_seqs=8, scheduling="static")
-    longs = [h.Collector() for _ in range(2)]
-    for i, col in enumerate(longs):
-        engine.submit(f"long{i}", tok(PROMPTS[i])["input_ids"], greedy(40), col)
-    while not all(c.outputs for c in longs):
+    runs = []
+    for i, n in enumerate((40, 6)):  # the short member finishes first; its row runs on as padding
+        ids = tok(PROMPTS[i])["input_ids"]
+        runs.append((ids, n, h.Collector()))
+        engine.submit(f"member{i}", ids, greedy(n), runs[-1][2])
+    while not all(c.outputs for _, _, c in runs):
         time.sleep(0.002)
     late = h.Collector()
-    engine.submit("late", tok("Hello")["input_ids"], greedy(2), late)
+    late_ids = tok("Hello")["input_ids"]
+    engine.submit("late", late_ids, greedy(2), late)
     late.wait()
-    assert late.final.timing.first_token > max(c.wait().final.timing.finished for c in longs)
+    assert runs[1][2].wait().final.timing.finished < runs[0][2].wait().final.timing.finished
+    assert late.final.timing.first_token > max(c.final.timing.finished for _, _, c in runs)
+    for ids, n, col in runs + [(late_ids, 2, late)]:
+        assert col.token_ids == reference(model64, ids, n)  # padding rows disturb nobody
+    time.sleep(0.05)
+    assert engine.used == 0 and not engine.running
 
 
 def test_cancel_frees_cache_at_once(make_engine, tok):
@@ -226,16 +234,30 @@ def test_logprobs_are_reported(make_engine, tok):
         assert lp.logprob <= 0 and len(lp.top) == 2 and lp.top[0][0] == lp.token_id  # greedy: the best
 
 
-def test_detokenizer_deltas_are_whole_characters(tok):
+@pytest.mark.parametrize("kind", ["window", "bytes"])
+def test_detokenizer_deltas_are_whole_characters(tok, kind):
     text = "héllo ☃ wörld — naïve 日本語 ✓"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text) // 2  # bytes of one character spread over several tokens
-    detok = Detokenizer(tok, [tok.eos_token_id])
-    deltas = [detok.add(t) for t in ids]
+    detok = Detokenizer(tok, [tok.eos_token_id]) if kind == "window" else ByteDetokenizer(byte_table(tok))
+    deltas = [detok.add(t) for t in ids + [tok.eos_token_id]]  # special tokens add no text
     deltas.append(detok.flush())
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     assert any(d == "" for d in deltas)  # something was held back mid-character
+
+
+def test_byte_table_decodes_like_the_tokenizer(tok):
+    import random
+
+    table = byte_table(tok)
+    assert table is not None and len(table) == len(tok)
+    rng = random.Random(0)
+    for _ in range(50):  # random id runs, invalid UTF-8 included: same text as decode()
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 12))]
+        detok = ByteDetokenizer(table)
+        streamed = "".join(detok.add(t) for t in ids) + detok.flush()
+        assert streamed == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def test_stop_text_holds_back_possible_stop_prefixes():

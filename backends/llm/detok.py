@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+import codecs
+import json
 from typing import Sequence
 
 _REPLACEMENT = "\ufffd"
 _CONTEXT = 5  # prompt tokens decoded before the first output token (tokenizers that merge spaces)
 
 
+def byte_table(tokenizer) -> list[bytes] | None:
+    """Each token id's bytes, for byte-level BPE tokenizers (GPT-2 style); None for any other kind.
+
+    With it, detokenizing is appending bytes to an incremental UTF-8 decoder: exact (it is what
+    ``decode`` does for these tokenizers, special tokens skipped) and far cheaper than decoding a
+    window of tokens every step.
+    """
+    try:
+        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    except (AttributeError, ImportError, ValueError):
+        return None
+    if decoder.get("type") != "ByteLevel":
+        return None
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids)
+    added = {i for i in tokenizer.get_added_vocab().values()}
+    table: list[bytes] = []
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if i in special or token is None:
+            table.append(b"")
+        elif i in added:  # added tokens are stored as plain text
+            table.append(token.encode("utf-8"))
+        else:
+            try:
+                table.append(bytes(to_byte[c] for c in token))
+            except KeyError:
+                return None
+    return table
+
+
+class ByteDetokenizer:
+    """Detokenizer for byte-level vocabularies: an incremental UTF-8 decoder holds back a character
+    whose bytes are not all there yet, so every delta is whole characters."""
+
+    def __init__(self, table: list[bytes]) -> None:
+        self.table = table
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, token_id: int) -> str:
+        return self.decoder.decode(self.table[token_id] if 0 <= token_id < len(self.table) else b"")
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+
+
 class Detokenizer:
-    """Turns one token at a time into text deltas.
+    """Turns one token at a time into text deltas (any tokenizer).
 
     Decoding a window ``ids[prefix:]`` and comparing it with ``ids[prefix:read]`` gives the text
     the newest tokens added without decoding everything each step. A window that ends in U+FFFD

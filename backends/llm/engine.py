@@ -16,8 +16,10 @@ Each iteration of the engine thread:
    free their slots immediately.
 
 New requests therefore join between two decode steps; nobody waits for a long request to finish.
-With ``scheduling="static"`` admission only happens when the running batch is empty (a batch runs to
-completion first): the baseline the benchmark compares against.
+With ``scheduling="static"`` the engine is the classic request-level batcher the benchmark compares
+against: admission only into an empty batch, and the batch's rows run together until its longest
+member ends, as a padded ``generate()`` batch does (a member that finishes gets its answer at once,
+but its row keeps being computed, its tokens discarded, until the batch ends).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from server.core.errors import ErrorCode, ServingError
 
-from .detok import Detokenizer, StopText
+from .detok import ByteDetokenizer, Detokenizer, StopText, byte_table
 from .kvcache import SlotCache
 from .metrics import EngineMetrics
 from .params import SamplingParams
@@ -97,7 +99,7 @@ class Sequence:
     params: SamplingParams
     max_tokens: int
     consumer: Callable[[StepOutput], None]
-    detok: Detokenizer
+    detok: Detokenizer | ByteDetokenizer
     stop_text: StopText
     generator: torch.Generator | None
     timing: Timing
@@ -108,6 +110,7 @@ class Sequence:
     preemptions: int = 0
     cancelled: bool = False
     counted_prompt: bool = False
+    ghost: bool = False  # static scheduling: finished, its row computed on until the batch ends
 
     @property
     def num_tokens(self) -> int:
@@ -136,6 +139,7 @@ class Engine:
         if options.scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling must be 'continuous' or 'static', got {options.scheduling!r}")
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._bytes = byte_table(tokenizer)
         self.vocab_size = int(getattr(config, "vocab_size", 0) or len(tokenizer))
         self.metrics = metrics or EngineMetrics(name, "1", "0", self.max_model_len)
         self.cache = SlotCache(self.max_num_seqs, self.max_model_len + 1, device)
@@ -184,7 +188,8 @@ class Engine:
         elif not params.greedy:
             generator = self._default_generator
         seq = Sequence(request_id, list(prompt_ids), params, max_tokens, consumer,
-                       Detokenizer(self.tokenizer, prompt_ids),
+                       ByteDetokenizer(self._bytes) if self._bytes is not None
+                       else Detokenizer(self.tokenizer, prompt_ids),
                        StopText(params.stop, params.include_stop_str_in_output), generator,
                        Timing(arrival if arrival is not None else time.monotonic()))
         with self._cond:
@@ -242,7 +247,7 @@ class Engine:
         self.steps += 1
 
     def _reap_cancelled(self) -> None:
-        for seq in [s for s in self.running if s.cancelled]:
+        for seq in [s for s in self.running if s.cancelled and not s.ghost]:
             self._finish(seq, "abort")
         if any(s.cancelled for s in self.waiting):
             for seq in [s for s in self.waiting if s.cancelled]:
@@ -287,8 +292,19 @@ class Engine:
         self._emit([seq], logits, time.perf_counter() - started)
 
     def _decode(self) -> None:
+        if self.options.scheduling == "static":
+            for seq in [s for s in self.running if s.ghost and s.cached + 1 >= self.cache.max_len]:
+                self._release(seq)
+            if all(s.ghost for s in self.running):
+                for seq in list(self.running):
+                    self._release(seq)
+                return
         while self.used + len(self.running) > self.budget and len(self.running) > 1:
-            self._preempt(self.running[-1])
+            victim = self.running[-1]
+            if victim.ghost:
+                self._release(victim)
+            else:
+                self._preempt(victim)
         rows = self.slots
         n = len(rows)
         positions = torch.tensor([s.cached for s in rows], device=self.device)
@@ -303,7 +319,15 @@ class Engine:
         for s in rows:
             s.cached += 1
         self.used += n
-        self._emit(list(rows), logits, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        live = [i for i, s in enumerate(rows) if not s.ghost]
+        if len(live) == n:
+            self._emit(list(rows), logits, seconds)
+        else:
+            self._emit([rows[i] for i in live], logits[live], seconds * len(live) / n)
+        if self.options.scheduling == "static" and all(s.ghost for s in self.running):
+            for seq in list(self.running):
+                self._release(seq)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
@@ -356,7 +380,11 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids: list[int] | None = None,
                 lp: TokenLogprobs | None = None) -> None:
-        self._release(seq)
+        if (self.options.scheduling == "static" and reason in ("stop", "length") and seq.slot >= 0
+                and any(not s.ghost and s is not seq for s in self.running)):
+            seq.ghost = True  # keeps its row until the batch ends
+        else:
+            self._release(seq)
         seq.status = FINISHED
         now = time.monotonic()
         seq.timing.finished = now
@@ -386,7 +414,7 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         """Free the sequence's slot at once; the last slot moves into the hole (rows stay dense)."""
-        if seq.status != RUNNING:
+        if seq.slot < 0:
             return
         self.running.remove(seq)
         last = self.slots.pop()
@@ -400,13 +428,15 @@ class Engine:
 
     def _publish(self) -> None:
         with self.metrics.lock:
-            self.metrics.running = len(self.running)
+            self.metrics.running = sum(1 for s in self.running if not s.ghost)
             self.metrics.waiting = len(self.waiting) + len(self._inbox)
             self.metrics.kv_usage = self.used / self.budget
 
     def _fail_all(self, error: ServingError) -> None:
         with self._cond:
             inbox, self._inbox = self._inbox, []
+        for seq in [s for s in self.running if s.ghost]:
+            self._release(seq)
         failed = list(self.running) + list(self.waiting) + inbox
         for seq in failed:
             self._release(seq)
