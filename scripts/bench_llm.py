@@ -40,8 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench_llm"
 # (prompt words, output tokens): short chat turns to long completions
 MIX = ((8, 16), (40, 48), (90, 96), (20, 32), (60, 64), (12, 128))
-WORDS = ("the server listens on two ports clients send a request and the server puts it in a queue "
-         "a worker runs the model when the batch is ready the answer goes back over the same connection").split()
+WORDS = ["the", "server", "listens", "on", "two", "ports", "clients", "send", "a", "request", "and", "the", "server", "puts", "it", "in", "a", "queue", "a", "worker", "runs", "the", "model", "when", "the", "batch", "is", "ready", "the", "answer", "goes", "back", "over", "the", "same", "connection"]
 MODELS = {"continuous": ("continuous", 32), "one-seq": ("continuous", 1), "static": ("static", 32)}
 CONFIG = """backend: "llm"
 max_batch_size: 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import build_llm  # noqa: E402
+import build_llm
 
 
 def tokenizer():

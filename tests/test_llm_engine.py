@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from backends.llm.detok import ByteDetokenizer, Detokenizer, StopText, byte_table  # noqa: E402
-from backends.llm.engine import Engine, EngineOptions  # noqa: E402
-from backends.llm.params import SamplingParams, parse  # noqa: E402
-from server.core.errors import ErrorCode, ServingError  # noqa: E402
-from tests import llm_helpers as h  # noqa: E402
+from backends.llm.detok import ByteDetokenizer, Detokenizer, StopText, byte_table
+from backends.llm.engine import Engine, EngineOptions
+from backends.llm.params import SamplingParams, parse
+from server.core.errors import ErrorCode, ServingError
+from tests import llm_helpers as h
 
 PROMPTS = ["The server", "A cat sat on a mat in the sun by the door", "Hello", "x",
            "continuous batching lets a new request join", "zz top", "Rain fell on the roof all night."]

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
 
-from tests import llm_helpers as h  # noqa: E402
-from tests.harness import ServerProcess  # noqa: E402
+from tests import llm_helpers as h
+from tests.harness import ServerProcess
 
 PROMPT = "A language model reads a prompt"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a token?"}]

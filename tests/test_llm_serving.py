@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
-import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.grpc as grpcclient
 
-from tests import llm_helpers as h  # noqa: E402
-from tests.harness import ServerProcess  # noqa: E402
+from tests import llm_helpers as h
+from tests.harness import ServerProcess
 
 PROMPT = "The server listens on two ports."
 
@@ -175,3 +175,20 @@ def test_metrics_count_tokens_and_latencies(llm_server, tok):
     assert grew("vllm:request_queue_time_seconds_count") == 1
     assert grew("vllm:request_success_total", finished_reason="length") == 1
     assert h.metric(after, "vllm:num_preemptions_total", **labels) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_instance_generates(tmp_path, start_server):
+    """KIND_GPU puts the engine (weights, KV cache, sampling) on CUDA: it generates the asked length,
+    and seeded sampling (a CUDA generator) repeats itself."""
+    repo = h.llm_repository(tmp_path / "repo")
+    config = (repo / "llm" / "config.pbtxt").read_text().replace("KIND_CPU", "KIND_GPU")
+    (repo / "llm" / "config.pbtxt").write_text(config)
+    gpu = start_server([repo])
+    body = {"text_input": PROMPT, "parameters": {"temperature": 0, "max_tokens": 8, "ignore_eos": True}}
+    status, data = _post(gpu, "/v2/models/llm/generate", body)
+    assert status == 200, data
+    doc = json.loads(data)
+    assert doc["completion_tokens"] == 8
+    seeded = {**body, "parameters": {**body["parameters"], "temperature": 1.0, "seed": 3}}
+    assert _post(gpu, "/v2/models/llm/generate", seeded)[1] == _post(gpu, "/v2/models/llm/generate", seeded)[1]

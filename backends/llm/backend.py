@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ class LLMBackend(Backend):
         return ([spec(n, t, d) for n, t, d, _ in INPUTS], [spec(n, t, d) for n, t, d in OUTPUTS])
 
     @classmethod
-    def load(cls, ctx: LoadContext) -> "LLMBackend":
+    def load(cls, ctx: LoadContext) -> LLMBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not ctx.config.decoupled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 _REPLACEMENT = "\ufffd"
 _CONTEXT = 5  # prompt tokens decoded before the first output token (tokenizers that merge spaces)

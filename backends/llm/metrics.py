@@ -10,7 +10,12 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -34,7 +39,7 @@ def buckets_1_2_5(limit: int) -> tuple[int, ...]:
 
 
 class Histogram:
-    __slots__ = ("bounds", "counts", "sum", "le")
+    __slots__ = ("bounds", "counts", "le", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
