@@ -42,6 +42,9 @@ def tok():
 def test_models_lists_the_llm(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["llm"]
+    assert client.models.retrieve("llm").id == "llm"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_completion_with_usage(client, tok):

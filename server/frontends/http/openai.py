@@ -1,5 +1,5 @@
-"""OpenAI-compatible routes on the HTTP port: ``GET /v1/models``, ``POST /v1/completions`` and
-``POST /v1/chat/completions``, streaming (server-sent events) and not.
+"""OpenAI-compatible routes on the HTTP port: ``GET /v1/models`` (and ``/v1/models/{model}``),
+``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (server-sent events) and not.
 
 The routes translate only: each choice is one request through the data plane (``dp.stream``) to a
 model with Triton's vLLM-backend tensors (``text_input``, ``stream``, ``sampling_parameters``,
@@ -76,6 +76,20 @@ async def models(dp: DataPlane, call: Call) -> Reply:
         if _llm_like(meta):
             data.append({"id": name, "object": "model", "created": now, "owned_by": "inferd"})
     return Reply(200, [converters.dumps({"object": "list", "data": data})])
+
+
+async def model(dp: DataPlane, call: Call) -> Reply:
+    name = call.group("model")
+    try:
+        meta = dp.model_metadata(name)
+    except ServingError as exc:
+        if exc.code == ErrorCode.NOT_FOUND:
+            return _error_reply(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return _from_serving(exc)
+    if not _llm_like(meta):
+        return _error_reply(404, f"The model '{name}' does not take text", "model", "model_not_found")
+    return Reply(200, [converters.dumps({"id": name, "object": "model", "created": int(time.time()),
+                                         "owned_by": "inferd"})])
 
 
 # ---------------------------------------------------------------- request parsing
@@ -482,6 +496,7 @@ async def _streamed(run: _Run) -> Reply:
 
 ROUTES = [
     (r"/v1/models", {"GET": models}),
+    (r"/v1/models/(?P<model>[^/]+)", {"GET": model}),
     (r"/v1/completions", {"POST": completions}),
     (r"/v1/chat/completions", {"POST": chat_completions}),
 ]
