@@ -20,6 +20,7 @@ from server.repository.manager import RepositoryManager
 from server.repository.poller import RepositoryPoller
 from server.scheduling.serving import ServingFactory
 from server.services import LocalServices
+from server.security import Security
 from server.settings import Settings
 from server.telemetry.metrics import Metrics, MetricsServer
 from server.telemetry.tracing import Tracing
@@ -42,6 +43,11 @@ class App:
                                           layout=settings.repository_layout)
         except ServingError as exc:
             raise SystemExit(f"inferd: {exc.message}") from None
+        try:  # TLS files, key file and restriction rules are checked here, before any port opens
+            self.security = Security(settings, self.metrics.rejected if self.metrics else None)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"inferd: {exc}") from None
+        log.info("%s", self.security.summary())
         # built here (not at import), passed explicitly: no global OpenTelemetry provider is installed
         self.tracing = Tracing.from_flags(settings.trace_config)
         self.repository = RepositoryManager(repositories, options, ServingFactory(self.metrics), self.tracing)
@@ -58,13 +64,15 @@ class App:
         s = self.settings
         self.services.bind(self.dataplane, asyncio.get_running_loop(), self.metrics)
         if self.metrics is not None:
-            self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port)
+            self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port, self.security)
             await self.metrics_server.start()
         if s.allow_grpc:
-            self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes)
+            self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes,
+                                     self.security)
             await self.grpc.start()
         if s.allow_http:  # same loop, same data plane; answers probes (not ready) while models load
-            self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes)
+            self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes,
+                                     self.security)
             await self.http.start()
         await self._initial_load()
         if s.model_control_mode == "poll":

@@ -90,6 +90,10 @@ class DataPlane:
         """The effective configuration document (the ModelConfig message)."""
         return self._get(name, version).proto
 
+    def model_parameter(self, name: str, version: str, key: str) -> str | None:
+        """One ``parameters`` entry of a model's configuration (None when it has none)."""
+        return self._get(name, version).config.parameters.get(key)
+
     def model_config_json(self, name: str, version: str = "") -> dict:
         """The same configuration as Triton renders it in JSON."""
         return configs.to_json_dict(self._get(name, version).proto)

@@ -44,6 +44,36 @@ class Settings:
     log_verbose: int = 0
     # --trace-config items, Triton's syntax (checked by telemetry/trace_config.py; OTEL_* add to them)
     trace_config: list[str] = field(default_factory=list)
+    # -- security (server/security/, docs/security.md): TLS, API keys, restricted APIs, quotas --------
+    grpc_use_ssl: bool = False
+    grpc_use_ssl_mutual: bool = False
+    grpc_server_cert: str = ""
+    grpc_server_key: str = ""
+    grpc_root_cert: str = ""
+    http_use_ssl: bool = False
+    http_use_ssl_mutual: bool = False
+    http_server_cert: str = ""
+    http_server_key: str = ""
+    http_root_cert: str = ""
+    metrics_use_ssl: bool = False
+    metrics_use_ssl_mutual: bool = False
+    metrics_server_cert: str = ""
+    metrics_server_key: str = ""
+    metrics_root_cert: str = ""
+    grpc_restricted_protocol: list[str] = field(default_factory=list)
+    http_restricted_api: list[str] = field(default_factory=list)
+    api_key_file: str = ""
+    metrics_require_api_key: bool = False
+    tenant_request_rate: float = 0.0
+    tenant_request_burst: float = 0.0
+    tenant_max_concurrent: int = 0
+    model_max_inflight: int = 0
+
+
+SECURITY_FIELDS = [f for f in Settings.__dataclass_fields__ if f.startswith(
+    ("grpc_use", "grpc_server", "grpc_root", "grpc_restricted", "http_use", "http_server", "http_root",
+     "http_restricted", "metrics_use", "metrics_server", "metrics_root", "metrics_require", "api_key",
+     "tenant_", "model_max_inflight"))]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", "--model-store", dest="model_repositories", action="append",
                    type=Path, metavar="DIR", help="model repository folder (repeatable)")
     p.add_argument("--host", "--grpc-address", dest="host", default="0.0.0.0",
-                   help="address to listen on (default 0.0.0.0)")
+                   help="address all three ports bind (default 0.0.0.0: every interface, as a container "
+                        "needs; docs/security.md says what each port exposes)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -82,7 +113,61 @@ def parser() -> argparse.ArgumentParser:
                         "rate=N (1 in N), count=N, mode=opentelemetry, opentelemetry,url=HOST:PORT, "
                         "opentelemetry,resource=K=V, opentelemetry,bsp_schedule_delay=MS ...; "
                         "the OTEL_* environment variables apply too (docs/tracing.md)")
+    _security_flags(p)
     return p
+
+
+def _security_flags(p: argparse.ArgumentParser) -> None:
+    """TLS per port (Triton's gRPC names; REST and metrics mirror them), keys, restrictions, quotas."""
+    g = p.add_argument_group("security (docs/security.md)")
+    for port in ("grpc", "http", "metrics"):
+        note = " (defaults to the --http-* file)" if port == "metrics" else ""
+        g.add_argument(f"--{port}-use-ssl", type=_bool, nargs="?", const=True, default=False,
+                       help=f"serve {port} over TLS")
+        g.add_argument(f"--{port}-use-ssl-mutual", type=_bool, nargs="?", const=True, default=False,
+                       help=f"{port} mutual TLS: clients must present a certificate signed by the root "
+                            "certificate (implies TLS)")
+        g.add_argument(f"--{port}-server-cert", default="", metavar="PEM", help=f"certificate chain{note}")
+        g.add_argument(f"--{port}-server-key", default="", metavar="PEM", help=f"private key{note}")
+        g.add_argument(f"--{port}-root-cert", default="", metavar="PEM",
+                       help=f"CA that verifies client certificates{note}")
+    g.add_argument("--grpc-restricted-protocol", action="append", default=[],
+                   metavar="<groups>:<key>=<value>",
+                   help="Triton's: these protocol groups need metadata triton-grpc-protocol-<key>: <value>")
+    g.add_argument("--http-restricted-api", action="append", default=[], metavar="<groups>:<key>=<value>",
+                   help="Triton's: these API groups need the header <key>: <value>")
+    g.add_argument("--api-key-file", default="", metavar="FILE",
+                   help="lines 'tenant:key'; then every non-health call needs Authorization: Bearer <key> "
+                        "(also read from $INFERD_API_KEYS)")
+    g.add_argument("--metrics-require-api-key", type=_bool, nargs="?", const=True, default=False,
+                   help="the metrics port needs a listed API key too")
+    g.add_argument("--tenant-request-rate", type=float, default=0.0, metavar="PER_SECOND",
+                   help="requests per second per tenant (per client address without keys); 0: no limit")
+    g.add_argument("--tenant-request-burst", type=float, default=0.0, metavar="N",
+                   help="token-bucket size for --tenant-request-rate (default: max(1, rate))")
+    g.add_argument("--tenant-max-concurrent", type=int, default=0, metavar="N",
+                   help="requests in flight per tenant (per client address without keys); 0: no limit")
+    g.add_argument("--model-max-inflight", type=int, default=0, metavar="N",
+                   help="inference requests queued or running per model; a model's config parameter "
+                        "inferd_max_inflight_requests overrides it; 0: no limit")
+
+
+def _check_security(p: argparse.ArgumentParser, settings: Settings) -> None:
+    for port in ("metrics",):  # the metrics port shares the REST certificate unless given its own
+        for name in ("server_cert", "server_key", "root_cert"):
+            if not getattr(settings, f"{port}_{name}"):
+                setattr(settings, f"{port}_{name}", getattr(settings, f"http_{name}"))
+    for name in ("tenant_request_rate", "tenant_request_burst", "tenant_max_concurrent",
+                 "model_max_inflight"):
+        if getattr(settings, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    from server.security.access import parse_rules  # the syntax errors at start, with Triton's words
+
+    try:
+        parse_rules(settings.grpc_restricted_protocol, "--grpc-restricted-protocol")
+        parse_rules(settings.http_restricted_api, "--http-restricted-api")
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def from_args(argv: list[str] | None = None) -> Settings:
@@ -121,6 +206,9 @@ def from_args(argv: list[str] | None = None) -> Settings:
             settings.default_max_batch_size = int(value)
         else:
             p.error(f"unknown --backend-config key '{key}'")
+    for name in SECURITY_FIELDS:
+        setattr(settings, name, getattr(args, name))
+    _check_security(p, settings)
     if "*" in settings.load_models and len(settings.load_models) > 1:
         p.error("--load-model=* must be the only --load-model")
     if settings.model_control_mode == "poll" and settings.repository_poll_secs <= 0:

@@ -66,16 +66,17 @@ class _Sink:
                     raise ServingError(ErrorCode.INTERNAL, MORE_THAN_ONE)
                 if final and not has_response and not self._responses:
                     raise ServingError(ErrorCode.INTERNAL, FINAL_FIRST)
+            index = self._responses  # this response's index (a flags-only final: the next one)
             if has_response:
                 self._responses += 1
             if final:
                 self._closed = True
         item: Item = (outputs, parameters, final, error)
         if threading.get_ident() == self._thread:
-            self._deliver(item)
+            self._deliver(item, index)
         else:
             try:
-                self._loop.call_soon_threadsafe(self._deliver, item)
+                self._loop.call_soon_threadsafe(self._deliver, item, index)
             except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
                 pass
 
@@ -85,7 +86,7 @@ class _Sink:
             return
         self._closed = True
         self._responses += 1
-        self._deliver((outputs, None, True, error))
+        self._deliver((outputs, None, True, error), 0)
 
     @property
     def closed(self) -> bool:
@@ -118,12 +119,12 @@ class _Sink:
         for callback in callbacks or ():
             callback()
 
-    def _deliver(self, item: Item) -> None:
+    def _deliver(self, item: Item, index: int) -> None:
         raise NotImplementedError
 
-    def _hooks(self, item: Item) -> None:
-        if self.on_response is not None and (item[0] is not None or item[3] is not None or item[1]):
-            self.on_response(self._responses - 1, item)
+    def _hooks(self, item: Item, index: int) -> None:
+        if self.on_response is not None:
+            self.on_response(index, item)
         if item[2] and self.on_final is not None:
             self.on_final(item[3])
 
@@ -143,10 +144,10 @@ class UnaryResponse(_Sink):
         if future.cancelled():  # the awaiting caller was cancelled (client gone, deadline)
             self.cancel()
 
-    def _deliver(self, item: Item) -> None:
+    def _deliver(self, item: Item, index: int) -> None:
         if item[0] is not None or item[3] is not None or item[1]:
             self._item = item
-        self._hooks(item)
+        self._hooks(item, index)
         if item[2] and not self._future.done():
             if self._item is None:
                 self._future.set_exception(ServingError(ErrorCode.INTERNAL, FINAL_FIRST))
@@ -172,8 +173,8 @@ class ResponseStream(_Sink):
         self._render = render
         self.empty_final = False  # the caller asked for Triton's empty final response (streams only)
 
-    def _deliver(self, item: Item) -> None:
-        self._hooks(item)
+    def _deliver(self, item: Item, index: int) -> None:
+        self._hooks(item, index)
         if self._cancelled:
             return
         self._items.append(item)

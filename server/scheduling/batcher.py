@@ -260,7 +260,7 @@ class Scheduler:
         if item.state == DONE:
             return
         outputs, parameters, final, error = item_sent
-        self.observer.responded(item, index, final, error, empty=outputs is None and error is None)
+        self.observer.responded(item, index, final, error, empty=outputs is None and error is None and not parameters)
 
     def _final(self, item: Pending, error: ServingError | None) -> None:
         """The final response of a request-path request was delivered (on the loop)."""

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                            Metric)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -185,6 +186,23 @@ def _backend_families(versions: Iterable[ModelStats]) -> Iterator[Metric]:
     yield from merged.values()
 
 
+class _RejectionCollector(Collector):
+    """``inferd_rejected_requests_total{reason,tenant}``: requests the admission checks refused
+    (server/security). The tenant is a key-file name or "anonymous", never a client address, so the
+    series stay as few as the tenants."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("inferd_rejected_requests",
+                                     "Requests refused before any work, by reason and tenant",
+                                     labels=["reason", "tenant"])
+        for (reason, tenant), count in sorted(self.counts.items()):
+            family.add_metric([reason, tenant], count)
+        yield family
+
+
 class Metrics(StatsSink):
     """The server's metrics: a private registry (nothing global), fed by the StatsSink hook."""
 
@@ -193,6 +211,8 @@ class Metrics(StatsSink):
         self.registry.register(_ModelCollector(source))
         self.custom = CustomCollector()
         self.registry.register(self.custom)
+        self.rejections = _RejectionCollector()
+        self.registry.register(self.rejections)
         self.gpu = GpuCollector() if gpu else None
         if self.gpu is not None:
             self.registry.register(self.gpu)
@@ -226,6 +246,11 @@ class Metrics(StatsSink):
     def custom_family(self, name: str, description: str, kind: str, buckets=None) -> CustomFamily:
         """A model's own metric family (pb_utils.MetricFamily)."""
         return self.custom.family(name, description, kind)
+
+    def rejected(self, reason: str, tenant: str) -> None:
+        """One request refused by the admission checks (on the event loop)."""
+        key = (reason, tenant)
+        self.rejections.counts[key] = self.rejections.counts.get(key, 0) + 1
 
     # -- exposition ---------------------------------------------------------------------------
 
@@ -272,24 +297,28 @@ def render(registry: CollectorRegistry) -> bytes:
 class MetricsServer:
     """Serves ``GET /metrics`` (and nothing else: 404) on the server's event loop."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics, host: str, port: int, security=None) -> None:
         self.metrics = metrics
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
+        self.security = security  # server.security.Security: TLS and API keys for this port
 
     async def start(self) -> None:
-        app = web.Application()
+        ssl_context, middlewares = None, []
+        if self.security is not None:
+            ssl_context, middlewares = self.security.metrics_transport()
+        app = web.Application(middlewares=middlewares)
         app.router.add_get("/metrics", self._scrape)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, self.host, self.port).start()
+            await web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context).start()
         except OSError as exc:
             await self._runner.cleanup()
             where = f"{self.host}:{self.port}"
             raise OSError(exc.errno, f"cannot serve metrics on {where}: {exc.strerror}") from exc
-        log.info("metrics at http://%s:%d/metrics", self.host, self.port)
+        log.info("metrics at http%s://%s:%d/metrics", "s" if ssl_context else "", self.host, self.port)
 
     async def _scrape(self, request: web.Request) -> web.Response:
         await self.metrics.refresh()

@@ -60,7 +60,7 @@ class ModelObserver:
         now = time.perf_counter_ns()
         since = now - (request.last_ns or request.started_ns or request.arrived_ns)
         request.last_ns = now
-        if index == 0:
+        if index == 0 and not empty:
             self.stats.record_first_response(now - request.arrived_ns)
         self.stats.record_response(index, since, error is not None, empty)
         if request.trace is not None:

@@ -25,7 +25,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class GrpcFrontend:
-    def __init__(self, dataplane: DataPlane, address: str, max_message_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, address: str, max_message_bytes: int, security=None) -> None:
         self.dataplane = dataplane
         self.address = address
         options = [
@@ -33,7 +33,9 @@ class GrpcFrontend:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        # server.security.Security: TLS credentials and the key/restriction/quota interceptor
+        self.credentials, interceptors = security.grpc_transport(dataplane) if security else (None, [])
+        self.server = grpc.aio.server(options=options, interceptors=interceptors or None)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -56,7 +58,8 @@ class GrpcFrontend:
             (grpc.method_handlers_generic_handler(_REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
     async def start(self) -> None:
-        self.port = self.server.add_insecure_port(self.address)
+        self.port = (self.server.add_secure_port(self.address, self.credentials) if self.credentials
+                     else self.server.add_insecure_port(self.address))
         if not self.port:
             raise OSError(f"cannot listen for gRPC on {self.address}")
         await self.server.start()

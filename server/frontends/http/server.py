@@ -126,19 +126,23 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 
 
 class HttpFrontend:
-    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int,
+                 security=None) -> None:
         self.dataplane = dataplane
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
         self.router = Router(ROUTES + OPENAI_ROUTES)
         self._runner: web.ServerRunner | None = None
+        self.security = security  # server.security.Security: TLS, and the checks before a route runs
 
     async def start(self) -> None:
         # auto_decompress off: Content-Encoding is handled here, with limits and clear errors;
         # read_bufsize 1 MiB: large tensors arrive with few flow-control pauses
+        ssl_context, handle = (self.security.http_transport(self._handle, self.dataplane)
+                               if self.security else (None, self._handle))
         server = web.Server(
-            self._handle,
+            handle,
             auto_decompress=False,
             access_log=None,
             read_bufsize=1 << 20,
@@ -149,7 +153,8 @@ class HttpFrontend:
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, shutdown_timeout=1.0,
+                           ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
