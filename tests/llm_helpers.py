@@ -81,9 +81,10 @@ parameters [
 """
 
 
-def llm_repository(root: Path, name: str = "llm", max_num_seqs: int = 8, kv_cache_tokens: int = 1024) -> Path:
-    """A repository holding one llm-backend model (the random GPT-2, 256 positions)."""
-    save_model_folder(root / name / "1")
+def llm_repository(root: Path, name: str = "llm", max_num_seqs: int = 8, kv_cache_tokens: int = 4096) -> Path:
+    """A repository holding one llm-backend model (the random GPT-2, 1024 positions: room for
+    generations long enough to still be running when a test looks)."""
+    save_model_folder(root / name / "1", n_positions=1024)
     (root / name / "config.pbtxt").write_text(LLM_CONFIG.format(max_num_seqs=max_num_seqs,
                                                                 kv_cache_tokens=kv_cache_tokens))
     return root
@@ -101,6 +102,18 @@ def scrape(metrics_port: int) -> dict[tuple[str, frozenset], float]:
         for sample in family.samples:
             out[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return out
+
+
+def wait_metric(metrics_port: int, name: str, value: float, timeout: float = 10.0, **labels: str) -> dict:
+    """Scrape until the sample equals ``value`` (or the timeout); the last scrape."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(metrics_port)
+        if metric(samples, name, **labels) == value or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -140,10 +139,10 @@ def test_errors_in_openai_shape(client):
     assert err.value.body["param"] == "temperature" and err.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError, match="can only be used when"):
         client.completions.create(model="llm", prompt="x", stream_options={"include_usage": True})
-    with pytest.raises(openai.BadRequestError, match=r"max_tokens \(4000\).*max_model_len 256"):
-        client.completions.create(model="llm", prompt="x", max_tokens=4000)
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens \(5000\).*max_model_len 1024"):
+        client.completions.create(model="llm", prompt="x", max_tokens=5000)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # refused before any chunk is streamed
-        list(client.chat.completions.create(model="llm", messages=MESSAGES, max_tokens=4000, stream=True))
+        list(client.chat.completions.create(model="llm", messages=MESSAGES, max_tokens=5000, stream=True))
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="llm", messages=[])
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
@@ -152,20 +151,14 @@ def test_errors_in_openai_shape(client):
 
 def test_client_disconnect_cancels_generation(client, llm_server):
     labels = {"model": "llm", "version": "1"}
-    stream = client.chat.completions.create(model="llm", messages=MESSAGES, max_tokens=200, stream=True, **GREEDY)
-    seen = 0
-    for _ in stream:
-        seen += 1
+    h.wait_metric(llm_server.metrics_port, "vllm:num_requests_running", 0, **labels)
+    stream = client.chat.completions.create(model="llm", messages=MESSAGES, max_tokens=900, stream=True, **GREEDY)
+    for seen, _ in enumerate(stream, 1):
         if seen == 3:
             break
     assert h.metric(h.scrape(llm_server.metrics_port), "vllm:num_requests_running", **labels) == 1
     stream.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        samples = h.scrape(llm_server.metrics_port)
-        if h.metric(samples, "vllm:num_requests_running", **labels) == 0:
-            break
-        time.sleep(0.05)
+    samples = h.wait_metric(llm_server.metrics_port, "vllm:num_requests_running", 0, **labels)
     assert h.metric(samples, "vllm:num_requests_running", **labels) == 0
     assert h.metric(samples, "vllm:kv_cache_usage_perc", **labels) == 0
 

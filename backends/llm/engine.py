@@ -285,6 +285,7 @@ class Engine:
         logits = self._forward(torch.tensor([ids], device=self.device), positions, mask)
         seq.cached = n
         self.used += n
+        self._publish()  # the gauges move as the batch changes, not a step later
         if not seq.counted_prompt:
             seq.counted_prompt = True
             with self.metrics.lock:
@@ -425,6 +426,7 @@ class Engine:
         self.used -= seq.cached
         seq.cached = 0
         seq.slot = -1
+        self._publish()
 
     def _publish(self) -> None:
         with self.metrics.lock:
