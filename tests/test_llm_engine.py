@@ -93,13 +93,21 @@ def test_short_request_finishes_before_long_ones(make_engine, tok):
     assert short.final.timing.finished < min(c.final.timing.finished for c in longs)
 
 
-def test_static_scheduling_waits_for_the_batch(make_engine, model64, tok):
-    engine = make_engine(max_num_seqs=8, scheduling="static")
+def test_static_scheduling_waits_for_the_batch(model64, tok):
+    engine = Engine(model64, tok, EngineOptions(max_num_seqs=8, scheduling="static"), torch.device("cpu"))
     runs = []
     for i, n in enumerate((40, 6)):  # the short member finishes first; its row runs on as padding
         ids = tok(PROMPTS[i])["input_ids"]
         runs.append((ids, n, h.Collector()))
         engine.submit(f"member{i}", ids, greedy(n), runs[-1][2])
+    engine.start()  # both are queued: they form one batch
+    try:
+        _static_batch(engine, model64, tok, runs)
+    finally:
+        engine.stop()
+
+
+def _static_batch(engine, model64, tok, runs) -> None:
     while not all(c.outputs for _, _, c in runs):
         time.sleep(0.002)
     late = h.Collector()
