@@ -108,8 +108,9 @@ def test_generate_stream_sse_bytes(stream_server):
     answer = post_json(stream_server.http_url, "/v2/models/count/generate_stream", {"COUNT": 3, "id": "g1"})
     assert answer.status == 200
     assert answer.headers["content-type"] == "text/event-stream; charset=utf-8"
+    # Triton writes the keys in byte order (scripts/compare_triton_streams.py checked it against 2.51)
     expected = b"".join(
-        b'data: {"model_name":"count","model_version":"1","id":"g1","OUT":%d,"TEXT":"tick %d"}\n\n' % (i, i)
+        b'data: {"OUT":%d,"TEXT":"tick %d","id":"g1","model_name":"count","model_version":"1"}\n\n' % (i, i)
         for i in range(3))
     assert answer.body == expected
 
@@ -118,9 +119,13 @@ def test_generate_stream_parameters_object_and_errors(stream_server):
     base = stream_server.http_url
     # keys inside "parameters" map to inputs just like top-level keys
     answer = post_json(base, "/v2/models/count/generate_stream", {"parameters": {"COUNT": 1, "DELAY_MS": 0}})
-    assert answer.body == b'data: {"model_name":"count","model_version":"1","OUT":0,"TEXT":"tick 0"}\n\n'
-    # an error before the first event is a plain JSON error with its status
+    assert answer.body == b'data: {"OUT":0,"TEXT":"tick 0","model_name":"count","model_version":"1"}\n\n'
+    # the model's error as the first response: its status, still one event (as Triton answers)
     answer = post_json(base, "/v2/models/count/generate_stream", {"COUNT": -1})
+    assert answer.status == 400 and answer.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert answer.body == b'data: {"error":"COUNT must be in 0..10000"}\n\n'
+    # refused before the model runs: a plain JSON error
+    answer = post_json(base, "/v2/models/count/generate", {"COUNT": -1})
     assert answer.status == 400 and json.loads(answer.body) == {"error": "COUNT must be in 0..10000"}
     answer = post_json(base, "/v2/models/nope/generate_stream", {"COUNT": 1})
     assert answer.status == 404 and "nope" in json.loads(answer.body)["error"]

@@ -238,7 +238,7 @@ def test_default_mode_rule_breaking(triton_server):
         result = c.infer("misbehave", [_text("HOW", "sender")])  # answering through the sender (24.06+)
         assert result.as_numpy("Y").shape == (2,)
         for how, says in [("shape", "shape [3]"), ("raise", "model says no"),
-                          ("short", "InferenceRequest(s) size is:1, and InferenceResponse(s) size is:0")]:
+                          ("short", "InferenceRequest(s) size is:1, and InferenceResponse(s) size is:0"), ("raise", "for model 'misbehave_")]:
             with pytest.raises(InferenceServerException) as error:
                 c.infer("misbehave", [_text("HOW", how)])
             assert says in error.value.message(), error.value.message()

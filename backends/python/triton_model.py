@@ -56,6 +56,7 @@ class _Loop:
 class TritonModel:
     def __init__(self, ctx: LoadContext, model: Any, decoupled: bool) -> None:
         self.name = ctx.model_name
+        self.instance = ctx.instance_name  # Triton names the instance in execute failures
         self.version = ctx.version
         self.model = model
         self.decoupled = decoupled
@@ -89,8 +90,11 @@ class TritonModel:
         if isinstance(exc, objects.TritonError):
             return objects.to_serving_error(exc)
         log.error("model '%s': execute raised", self.name, exc_info=exc)
-        return ServingError(ErrorCode.INTERNAL, f"Failed to process the request(s) for model '{self.name}', "
-                            f"message: {type(exc).__name__}: {exc}")
+        return self._failed(f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, message: str) -> ServingError:
+        return ServingError(ErrorCode.INTERNAL, f"Failed to process the request(s) for model '{self.instance}', "
+                            f"message: {message}")
 
     def _async_done(self, future, senders: list[CastingSender]) -> None:
         self._running.discard(future)
@@ -121,9 +125,9 @@ class TritonModel:
             return
         if not isinstance(result, (list, tuple)) or len(result) != len(batch):
             size = len(result) if isinstance(result, (list, tuple)) else type(result).__name__
-            raise ServingError(ErrorCode.INTERNAL, "Number of InferenceResponse objects do not match the number of "
-                               f"InferenceRequest objects. InferenceRequest(s) size is:{len(batch)}, and "
-                               f"InferenceResponse(s) size is:{size}")
+            raise self._failed("Number of InferenceResponse objects do not match the number of InferenceRequest "
+                               f"objects. InferenceRequest(s) size is:{len(batch)}, and InferenceResponse(s) size "
+                               f"is:{size}")
         for request, response, sender in zip(batch, result, senders):
             if sender.closed:  # answered through its sender already
                 continue

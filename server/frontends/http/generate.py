@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 
 from server.core.dtypes import NUMPY_DTYPES
 from server.core.errors import invalid
@@ -130,5 +131,11 @@ def to_event(response: InferResponse) -> dict[str, Any]:
     return doc
 
 
+def dumps(doc: dict[str, Any]) -> bytes:
+    """Compact JSON with the keys sorted, as Triton writes generate responses (checked against Triton
+    2.51 by scripts/compare_triton_streams.py: outputs, id, model_name, model_version in byte order)."""
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
 def sse(doc: dict[str, Any]) -> bytes:
-    return b"data: " + converters.dumps(doc) + b"\n\n"
+    return b"data: " + dumps(doc) + b"\n\n"

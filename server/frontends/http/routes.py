@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 from server.core.errors import ErrorCode, ServingError, invalid, unavailable
 from server.dataplane import DECOUPLED_UNARY, DataPlane
+from server.frontends.status import http_status
 
 from . import converters, generate
 
@@ -235,18 +236,20 @@ async def generate_one(dp: DataPlane, call: Call) -> Reply:
         stream.cancel()  # a no-op once the final arrived; cancels the request if the client went away
     if len(responses) != 1:
         return Reply(200, [converters.dumps({"error": generate.NOT_ONE})])
-    return ok(generate.to_event(responses[0]))
+    return Reply(200, [generate.dumps(generate.to_event(responses[0]))])
 
 
 async def generate_stream(dp: DataPlane, call: Call) -> Reply:
     """POST .../generate_stream: server-sent events, one per response. The status is decided by the
-    first response (an error there is a plain JSON error); later errors are ``data: {"error": ...}``."""
+    first response (an error there gives its status, still as an event, as Triton answers); later
+    errors are ``data: {"error": ...}`` events under 200. Refusals before the model runs are JSON."""
     stream = _generate_request(dp, call)
     first = None
     try:
         async for response in stream:
             if response.error is not None:
-                raise response.error
+                body = generate.sse({"error": response.error.message})
+                return Reply(http_status(response.error.code), [body], content_type=SSE)
             if response.outputs or response.parameters:
                 first = response
                 break
