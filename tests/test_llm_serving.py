@@ -187,3 +187,24 @@ def test_gpu_instance_generates(tmp_path, start_server):
     assert doc["completion_tokens"] == 8
     seeded = {**body, "parameters": {**body["parameters"], "temperature": 1.0, "seed": 3}}
     assert _post(gpu, "/v2/models/llm/generate", seeded)[1] == _post(gpu, "/v2/models/llm/generate", seeded)[1]
+
+
+def test_grpc_stream_cancel_frees_the_sequence(llm_server):
+    labels = {"model": "llm", "version": "1"}
+    h.wait_metric(llm_server.metrics_port, "vllm:num_requests_running", 0, **labels)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(llm_server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("llm", _grpc_inputs(PROMPT, {"temperature": 0, "max_tokens": 1000,
+                                                               "ignore_eos": True}), request_id="long")
+        result, error = results.get(timeout=60)  # it is generating
+        assert error is None
+        samples = h.scrape(llm_server.metrics_port)
+        assert h.metric(samples, "vllm:num_requests_running", **labels) == 1
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    samples = h.wait_metric(llm_server.metrics_port, "vllm:num_requests_running", 0, **labels)
+    assert h.metric(samples, "vllm:num_requests_running", **labels) == 0
+    assert h.metric(samples, "vllm:kv_cache_usage_perc", **labels) == 0
