@@ -3,8 +3,9 @@
     python scripts/build_models.py                 # example repository, in place
     python scripts/build_models.py --bench DIR     # also the add_sub and mlp benchmark repository
 
-The PyTorch example (TorchScript simple_torch) needs torch; without it, it is skipped with a note
-and everything else still builds. (torch.export examples are built by the tests: loading a .pt2
+The PyTorch example (TorchScript simple_torch) needs torch, and tiny_llm (scripts/build_llm.py, kept
+once built) needs torch and transformers; without them they are skipped with a note and everything
+else still builds. (torch.export examples are built by the tests: loading a .pt2
 imports much of torch's compiler stack, which would slow every start of the example server.)
 """
 
@@ -74,6 +75,18 @@ def torch_examples(repo: Path) -> bool:
     return True
 
 
+def llm_example(repo: Path) -> bool:
+    """tiny_llm's Hugging Face folder (trained from code, see build_llm.py); False without transformers."""
+    try:
+        import build_llm
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        print(f"skipping the tiny_llm example: {exc} (pip install 'inferd[llm]')")
+        return False
+    build_llm.build(repo / "tiny_llm" / "1")
+    return True
+
+
 def bench_repository(repo: Path) -> None:
     """add_sub and mlp with dynamic batching, and *_nobatch twins sharing their model files."""
     m.add_sub(repo / "add_sub" / "1" / "model.onnx")
@@ -95,6 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     example_repository(args.repository)
     torch_examples(args.repository)
+    llm_example(args.repository)
     if args.bench:
         bench_repository(args.bench)
     print("models built")

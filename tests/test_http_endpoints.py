@@ -255,7 +255,7 @@ def test_wrong_method_is_405(base, method, path, allowed):
     "path",
     [
         "/",
-        "/v1/models/simple",
+        "/v1/bogus",  # /v1/models/... is the OpenAI-compatible API now
         "/v2/health",
         "/v2/models/simple/versions",
         "/v2/models/simple/versions/1/bogus",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -140,11 +140,21 @@ class Backend(abc.ABC):
         dying). A version whose every instance reports a reason shows UNAVAILABLE with it."""
         return None
 
+    def collect_metrics(self) -> Iterable[Any]:
+        """Extra Prometheus metric families of this instance (prometheus_client ``Metric`` objects),
+        read at scrape time on the event loop; a backend overrides this to publish its own."""
+        return ()
+
     def warmup(self) -> None:
         """Backend-specific warm-up beyond the config's model_warmup samples (optional)."""
 
     def close(self) -> None:
         """Free sessions and device memory."""
+
+
+def uses_own_metrics(backend: Backend) -> bool:
+    """Whether ``backend`` publishes metric families of its own (it overrides ``collect_metrics``)."""
+    return type(backend).collect_metrics is not Backend.collect_metrics
 
 
 def uses_requests(backend: Backend) -> bool:

@@ -12,10 +12,12 @@ BUILTIN = {
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
     "pytorch": "backends.pytorch:PyTorchBackend",
     "python": "backends.python:PythonBackend",
+    "llm": "backends.llm.backend:LLMBackend",
 }
 _INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu, never both)",
     "pytorch": "pip install 'inferd[torch]' (or pip install torch)",
+    "llm": "pip install 'inferd[llm]' (torch and transformers)",
 }
 
 

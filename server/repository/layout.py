@@ -15,6 +15,7 @@ BACKEND_DEFAULTS = {
     "onnxruntime": ("onnxruntime_onnx", "model.onnx"),
     "pytorch": ("pytorch_libtorch", "model.pt"),
     "python": ("", "model.py"),
+    "llm": ("", "config.json"),  # the version folder is a Hugging Face model folder
 }
 PLATFORM_BACKENDS = {
     "onnxruntime_onnx": "onnxruntime",

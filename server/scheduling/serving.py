@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Mapping, Sequence
 
-from server.core.backend import Backend
+from server.core.backend import Backend, uses_own_metrics
 from server.core.config import ModelConfig
 from server.telemetry.cost import CostBook
 from server.telemetry.observer import ModelObserver
@@ -30,6 +30,8 @@ class ServingFactory:
         """Start the instance threads of a loaded version (on the event loop)."""
         loop = asyncio.get_running_loop()
         stats = ModelStats(name, version, sink=self.sink)
+        # a backend's own metric families (the LLM engine's vLLM-named ones) join the scrape
+        stats.collectors = [b.collect_metrics for _, b in backends if uses_own_metrics(b)]
         observer = ModelObserver(stats, self.costs)
         scheduler = Scheduler(config, observer, loop)
         for instance_name, backend in backends:

@@ -163,6 +163,27 @@ class _ModelCollector(Collector):
                 else:  # no traffic yet: every bucket at zero, so the series exist from the start
                     family.add_metric(labels, [(bound, 0) for bound in le], 0)
             yield family
+        yield from _backend_families(stats for stats, _ in versions)
+
+
+def _backend_families(versions: Iterable[ModelStats]) -> Iterator[Metric]:
+    """The families backends export (``ModelStats.collectors``), merged by name across instances and
+    versions so each family is declared once; a failing collector costs only its own samples."""
+    merged: dict[str, Metric] = {}
+    for stats in versions:
+        for collect in stats.collectors:
+            try:
+                families = list(collect())
+            except Exception:
+                log.exception("metrics of model '%s' version %d could not be collected", stats.name, stats.version)
+                continue
+            for family in families:
+                into = merged.get(family.name)
+                if into is None:
+                    merged[family.name] = family
+                elif into.type == family.type:
+                    into.samples.extend(family.samples)
+    yield from merged.values()
 
 
 class _RejectionCollector(Collector):

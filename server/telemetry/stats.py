@@ -81,6 +81,9 @@ class ModelStats:
     # the sink's own per-version state (e.g. its histograms): it lives and dies with these
     # statistics, so a reloaded version starts afresh like every counter here
     sink_state: object = None
+    # the version's own metric families (a backend's ``collect_metrics``, e.g. the llm backend's
+    # vllm:* families), one callable per instance; collected with the rest at scrape time
+    collectors: list = field(default_factory=list)
 
     def record_batch(self, timing: BatchTiming) -> None:
         self.execution_count += 1

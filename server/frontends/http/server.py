@@ -38,7 +38,8 @@ from server.dataplane import DataPlane
 from server.frontends.status import http_status
 
 from . import converters
-from .routes import Call, HttpError, Reply, Router
+from .openai import ROUTES as OPENAI_ROUTES
+from .routes import ROUTES, Call, HttpError, Reply, Router
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class HttpFrontend:
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
-        self.router = Router()
+        self.router = Router(ROUTES + OPENAI_ROUTES)
         self._runner: web.ServerRunner | None = None
         self.security = security  # server.security.Security: TLS, and the checks before a route runs
 

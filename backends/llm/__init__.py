@@ -1,0 +1,1 @@
+"""The ``llm`` backend: causal language models from Hugging Face folders, served with continuous batching."""
