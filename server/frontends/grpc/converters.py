@@ -41,7 +41,7 @@ def _typed(tensor, shape: list[int]) -> np.ndarray:
     if any(f != expected for f in used):
         raise invalid(f"input '{name}' of {datatype} carries {', '.join(used)}; expected {expected}")
     values = getattr(contents, expected)
-    count = dtypes.num_elements(shape)
+    count = dtypes.check_shape(name, shape)
     if len(values) != count:
         raise invalid(f"input '{name}' has {len(values)} elements in {expected} but shape {shape} needs {count}")
     if datatype == "BYTES":

@@ -33,7 +33,7 @@ def loads(data: bytes | bytearray | memoryview, what: str = "request body") -> o
         first = exc
     try:  # the stdlib parser takes NaN, Infinity and -Infinity; orjson is strict RFC 8259
         return json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise invalid(f"malformed JSON in the {what}: {first}") from None
 
 
@@ -100,20 +100,24 @@ def _flag(params: dict, key: str, where: str, default: bool) -> bool:
 
 def _shape(name: str, value: object) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise invalid(f"input '{name}': 'shape' must be an array of integers, got {value!r}")
-    if any(d < 0 for d in value):
-        raise invalid(f"input '{name}' has a negative dimension in shape {value}")
+        raise invalid(f"input '{name}': 'shape' must be an array of integers, got {repr(value)[:200]}")
+    dtypes.check_shape(name, value)
     return value
 
 
 def _flat_strings(name: str, data: list, out: list) -> None:
-    for item in data:
-        if isinstance(item, list):
-            _flat_strings(name, item, out)
-        elif isinstance(item, str):
+    # iterative: nesting as deep as the JSON parser allows must not reach Python's recursion limit
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, str):
+                raise invalid(f"input '{name}' of BYTES must hold JSON strings, found {type(item).__name__}")
             out.append(item)
         else:
-            raise invalid(f"input '{name}' of BYTES must hold JSON strings, found {type(item).__name__}")
+            stack.pop()
 
 
 def json_array(name: str, datatype: str, shape: list[int], data: object) -> np.ndarray:
@@ -125,7 +129,7 @@ def json_array(name: str, datatype: str, shape: list[int], data: object) -> np.n
         )
     if not isinstance(data, list):
         raise invalid(f"input '{name}': 'data' must be a JSON array, got {type(data).__name__}")
-    count = dtypes.num_elements(shape)
+    count = dtypes.check_shape(name, shape)
     if datatype == "BYTES":
         items: list[str] = []
         _flat_strings(name, data, items)
