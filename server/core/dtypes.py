@@ -118,16 +118,12 @@ def decode_raw(name: str, datatype: str, shape: list[int], data: bytes | memoryv
 def deserialize_bytes(name: str, data: bytes | memoryview, count: int) -> np.ndarray:
     """Length-prefixed (4-byte little-endian) elements -> object array of ``count`` bytes.
 
-    ``count`` comes from a declared shape: it is checked against what the data can hold (4 bytes of
-    length prefix per element at least) before anything is allocated from it."""
+    ``count`` comes from a declared shape, so nothing is allocated from it: the elements are read
+    first (each takes 4 bytes of length prefix at least, so the walk is bounded by the data), and
+    the array is made once they all arrived."""
     view = memoryview(data)
     offset, total = 0, len(view)
-    if count > total // 4:
-        raise invalid(
-            f"malformed BYTES data for input '{name}': the shape declares {count} elements but its "
-            f"{total} bytes of data can hold at most {total // 4} (each element has a 4-byte length prefix)"
-        )
-    out = np.empty(count, dtype=np.object_)
+    items: list[bytes] = []
     for i in range(count):
         if offset + 4 > total:
             raise invalid(
@@ -141,12 +137,14 @@ def deserialize_bytes(name: str, data: bytes | memoryview, count: int) -> np.nda
                 f"malformed BYTES data for input '{name}': element {i} claims {length} bytes "
                 f"but only {total - offset} remain"
             )
-        out[i] = bytes(view[offset : offset + length])
+        items.append(bytes(view[offset : offset + length]))
         offset += length
     if offset != total:
         raise invalid(
             f"malformed BYTES data for input '{name}': {total - offset} bytes left after {count} elements"
         )
+    out = np.empty(count, dtype=np.object_)
+    out[:] = items
     return out
 
 
