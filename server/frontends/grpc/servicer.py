@@ -150,7 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.dp.tracing.on:  # the caller's trace context (traceparent / tracestate metadata)
             infer_request.trace = self.dp.tracing.from_grpc(context.invocation_metadata())
         response = await self.dp.infer(infer_request)
-        return converters.from_response(response)
+        return converters.unary_response(response)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request is answered on the stream (in completion order, correlated by id);

@@ -8,6 +8,7 @@ body (``dtypes.decode_raw``), without a copy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 
@@ -25,16 +26,31 @@ _FLOAT_TYPES = frozenset({"FP32", "FP64"})
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 
 
+_NON_FINITE = (b"NaN", b"Infinity", b"-Infinity")
+
+
 def loads(data: bytes | bytearray | memoryview, what: str = "request body") -> object:
-    """Parse JSON; NaN/Infinity literals (which tritonclient sends for non-finite floats) are accepted."""
+    """Parse JSON; NaN/Infinity literals (which tritonclient sends for non-finite floats) are accepted.
+
+    Nothing of a failed parse outlives the call: only the error text is kept (an exception kept in a
+    local would form a cycle, exception -> traceback -> this frame -> exception, holding the body
+    until the garbage collector happened to run)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        first = exc
-    try:  # the stdlib parser takes NaN, Infinity and -Infinity; orjson is strict RFC 8259
-        return json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise invalid(f"malformed JSON in the {what}: {first}") from None
+        message, position = str(exc), exc.pos
+    # the stdlib parser takes NaN, Infinity and -Infinity; orjson is strict RFC 8259. Only worth a
+    # second parse when orjson stopped at one of those literals
+    view = memoryview(data)
+    # orjson counts characters; the byte offset is the UTF-8 length of that many characters
+    offset = len(str(view[: 4 * position], "utf-8", "ignore")[:position].encode()) if position else 0
+    window = bytes(view[max(0, offset - 1) : offset + 9])
+    if any(literal in window for literal in _NON_FINITE):
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+            pass
+    raise invalid(f"malformed JSON in the {what}: {message}")
 
 
 def dumps(value: object) -> bytes:
@@ -277,6 +293,35 @@ def parse_infer(
         parameters=request_params,
     )
     return request, fmt
+
+
+# JSON above this size is parsed or written in a worker thread: orjson holds the GIL, but the
+# interpreter hands it back to the event loop between its allocations, so other requests keep
+# being answered (a 77 MB body: the loop waited at most ~0.1 s at a time instead of the whole parse)
+OFFLOOP_JSON_BYTES = 1 << 20
+_OFFLOOP_JSON_ELEMENTS = 256 << 10
+
+
+async def parse_infer_async(
+    model: str, version: str, body: bytes | bytearray, header_length: str | None
+) -> tuple[InferRequest, OutputFormat]:
+    """``parse_infer``, off the event loop when the JSON part is large."""
+    json_part = len(body)
+    if header_length is not None and header_length.strip().isdigit():
+        json_part = min(json_part, int(header_length.strip()))
+    if json_part > OFFLOOP_JSON_BYTES:
+        return await asyncio.to_thread(parse_infer, model, version, body, header_length)
+    return parse_infer(model, version, body, header_length)
+
+
+async def encode_infer_async(
+    response: InferResponse, fmt: OutputFormat
+) -> tuple[bytes, list[bytes | memoryview]]:
+    """``encode_infer``, off the event loop when large outputs are written as JSON."""
+    in_json = sum(t.data.size for t in response.outputs if not fmt.is_binary(t.name))
+    if in_json > _OFFLOOP_JSON_ELEMENTS:
+        return await asyncio.to_thread(encode_infer, response, fmt)
+    return encode_infer(response, fmt)
 
 
 # ---------------------------------------------------------------- response

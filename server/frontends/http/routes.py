@@ -206,13 +206,13 @@ async def model_unload(dp: DataPlane, call: Call) -> Reply:
 
 
 async def infer(dp: DataPlane, call: Call) -> Reply:
-    request, fmt = converters.parse_infer(
+    request, fmt = await converters.parse_infer_async(
         call.group("model"), call.group("version"), call.body, call.headers.get(HEADER_LENGTH)
     )
     if dp.tracing.on:  # the caller's trace context (traceparent / tracestate headers)
         request.trace = dp.tracing.from_http(call.headers)
     response = await dp.infer(request)
-    header, blobs = converters.encode_infer(response, fmt)
+    header, blobs = await converters.encode_infer_async(response, fmt)
     if not blobs:
         return Reply(200, [header])
     return Reply(200, [header, *blobs], BINARY, {HEADER_LENGTH: str(len(header))})
