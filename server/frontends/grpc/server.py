@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,12 +57,39 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server)
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
         deserialize, serialize = request.FromString, response.SerializeToString
+        behaviour = getattr(servicer, method.name)
         if method.name == "ModelInfer":
             deserialize, serialize = wire.parse_infer_request, wire.serialize_infer_response
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=deserialize,
-                                     response_serializer=serialize)
+            behaviour = _releasing(behaviour)
+        handlers[method.name] = make(behaviour, request_deserializer=deserialize, response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _clear_frames(exc: BaseException | None) -> None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+def _releasing(method):
+    """A failed call must not keep its request alive. grpc.aio keeps the exception a handler ends
+    with (``context.abort`` raises one) in a reference cycle, and its traceback's frames hold the
+    request, so each failed 64 MiB request stayed in memory until the garbage collector's rare
+    full pass (measured: +80 MiB of RSS per failed request, indefinitely). The finished frames of
+    the exception and of the errors it chains are cleared, and this frame lets go of the request."""
+
+    async def call(request, context):
+        try:
+            return await method(request, context)
+        except BaseException as exc:
+            del request
+            _clear_frames(exc)
+            raise
+
+    return call
 
 
 class GrpcFrontend:

@@ -62,8 +62,15 @@ class _Connection(RequestHandler):
         self._head_timeout = head_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._busy = False
+        self.last_activity = time.monotonic()
+
+    @property
+    def quiet(self) -> bool:
+        """No request being handled and none arriving (a head that started is one arriving)."""
+        return not self._busy and self._head_timer is None
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
         if data and not self._busy and self._head_timer is None:
             self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
         super().data_received(data)
@@ -82,6 +89,7 @@ class _Connection(RequestHandler):
 
     def request_finished(self) -> None:
         self._busy = False
+        self.last_activity = time.monotonic()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:
@@ -102,6 +110,19 @@ class LimitedServer(web.Server):
                                    len(self.connections))
             return _Refused()
         return _Connection(self, head_timeout=self.limits.header_timeout, loop=self._loop, **self._kwargs)
+
+
+async def close_gracefully(server: LimitedServer, quiet_for: float, limit: float) -> None:
+    """Close every connection once it is quiet (no request handled or arriving) and has been for
+    ``quiet_for`` seconds, so a request a client sent just before is answered (503 while draining)
+    rather than cut off; after ``limit`` seconds the rest are left to aiohttp's shutdown."""
+    deadline = time.monotonic() + limit
+    while server.connections and time.monotonic() < deadline:
+        now = time.monotonic()
+        for handler in list(server.connections):
+            if isinstance(handler, _Connection) and handler.quiet and now - handler.last_activity >= quiet_for:
+                handler.force_close()
+        await asyncio.sleep(0.02)
 
 
 def started(request: web.BaseRequest) -> None:

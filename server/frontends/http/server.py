@@ -51,6 +51,10 @@ _THREAD_BYTES = 1 << 20
 _INFLATE_THREAD_BYTES = 64 << 10
 # replies larger than this are written part by part instead of joined into one buffer first
 _STREAM_BYTES = 1 << 20
+# stopping: a connection is closed once it was quiet this long (a client that just connected, or
+# just got its answer, has its next request on the way), and all are closed after _CLOSE_GRACE
+_QUIET_BEFORE_CLOSE = 0.25
+_CLOSE_GRACE = 2.0
 # deflate is zlib-wrapped (what tritonclient and Triton use); gzip adds its own header
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -163,11 +167,13 @@ class HttpFrontend:
         self.limits = limits
         self.router = Router()
         self._runner: web.ServerRunner | None = None
+        self._site: web.BaseSite | None = None
+        self._server: connections.LimitedServer | None = None
 
     async def start(self) -> None:
         # auto_decompress off: Content-Encoding is handled here, with limits and clear errors;
         # read_bufsize 1 MiB: large tensors arrive with few flow-control pauses
-        server = connections.LimitedServer(
+        server = self._server = connections.LimitedServer(
             self._handle,
             limits_=self.limits,
             auto_decompress=False,
@@ -179,7 +185,7 @@ class HttpFrontend:
         await self._runner.setup()
         try:
             sock = sockets.listen(self.host, self.port)
-            site = web.SockSite(self._runner, sock, shutdown_timeout=1.0)
+            site = self._site = web.SockSite(self._runner, sock, shutdown_timeout=1.0)
             await site.start()
         except OSError as exc:
             raise OSError(
@@ -190,6 +196,12 @@ class HttpFrontend:
         log.info("HTTP listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
+        """Stop listening, let each keep-alive connection finish the request it has (answered with
+        ``Connection: close`` while the server drains), close the quiet ones, then clean up."""
+        if self._site is not None:
+            await self._site.stop()
+        if self._server is not None:
+            await connections.close_gracefully(self._server, _QUIET_BEFORE_CLOSE, _CLOSE_GRACE)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -266,7 +278,7 @@ class HttpFrontend:
             log.exception("%s %s failed", request.method, request.path)
             reply = error_reply(500, f"internal error: {type(exc).__name__}: {exc}")
         response = await self._send(request, reply)
-        if close:
+        if close or self.dataplane.draining:  # draining: the client must not send here again
             response.force_close()
         return response
 
