@@ -1,6 +1,7 @@
-"""A gRPC client that stops reading (here: a client process frozen with SIGSTOP while its large
-responses are on the way) cannot pin the server's memory: the server's keepalive ping goes
-unanswered, the connection is closed and what it held is freed."""
+"""gRPC memory held per connection and per request: a client that stops reading (a client process
+frozen with SIGSTOP while its large responses are on the way) loses its connection to the server's
+keepalive and what it held is freed; refused requests are not kept; answered ones should not be
+kept until their deadline (the scheduler's part, marked xfail until fixed there)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
+
+import pytest
 
 from tests.harness import ROOT
 from tests.security.memory import MiB, rss
@@ -80,3 +83,47 @@ def test_client_that_stops_reading_does_not_pin_memory(test_models, start_server
         client.kill()
         client.wait()
     assert srv.proc.poll() is None
+
+
+def _send(srv, count: int, input_name: str, timeout: float | None) -> None:
+    import grpc
+    import numpy as np
+
+    from server.protos import grpc_service_pb2 as pb
+    from server.protos import grpc_service_pb2_grpc as pb_grpc
+
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    data = np.ones(8 * 2**20, np.float32).tobytes()  # 32 MiB
+    with grpc.insecure_channel(srv.grpc_url, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(count):
+            request = pb.ModelInferRequest(model_name="identity_dyn", raw_input_contents=[data])
+            request.inputs.add(name=input_name, datatype="FP32", shape=[1, 8 * 2**20])
+            try:
+                stub.ModelInfer(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+
+
+def test_failed_requests_are_not_kept(test_models, start_server):
+    """Each refused 32 MiB request used to stay in memory (grpc.aio keeps the handler's exception in
+    a reference cycle whose frames hold the request): +80 MiB per request."""
+    srv = start_server([test_models])
+    _send(srv, 2, "WRONG", 60)
+    base = rss(srv.proc.pid)
+    _send(srv, 10, "WRONG", 60)
+    grown = rss(srv.proc.pid) - base
+    assert grown < 100 * MiB, f"RSS grew by {grown / MiB:.0f} MiB over 10 refused 32 MiB requests"
+
+
+
+@pytest.mark.xfail(strict=True, reason="server/scheduling/batcher.py (lead's file): the timer heap keeps each "
+                   "request (its inputs, and its future with the outputs) until the client's deadline passes, "
+                   "even after it was answered")
+def test_answered_requests_are_not_kept_until_their_deadline(test_models, start_server):
+    srv = start_server([test_models])
+    _send(srv, 2, "INPUT0", 120)
+    base = rss(srv.proc.pid)
+    _send(srv, 10, "INPUT0", 120)
+    grown = rss(srv.proc.pid) - base
+    assert grown < 150 * MiB, f"RSS grew by {grown / MiB:.0f} MiB over 10 answered 32 MiB requests"
