@@ -20,18 +20,38 @@ CLIENT = textwrap.dedent("""
     import sys, time
     import grpc, numpy as np
     from server.protos import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
-    channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.max_receive_message_length", -1),
-                                                          ("grpc.max_send_message_length", -1)])
+    channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.max_receive_message_length", -1)])
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    data = np.ones(16 * 2**20, np.float32).tobytes()  # 64 MiB
     calls = []
-    for _ in range(4):
-        request = pb.ModelInferRequest(model_name="identity_dyn", raw_input_contents=[data])
-        request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16 * 2**20])
-        calls.append(stub.ModelInfer.future(request))  # no deadline: see test_deadline_retention
+    for _ in range(4):  # tiny requests, 64 MiB answers: only the answers are in flight
+        request = pb.ModelInferRequest(model_name="fill", raw_input_contents=[
+            np.array([1, 16 * 2**20], np.int64).tobytes()])
+        request.inputs.add(name="SHAPE", datatype="INT64", shape=[2])
+        calls.append(stub.ModelInfer.future(request))  # no deadline: see the last test
     print("sent", flush=True)
     time.sleep(600)
 """)
+
+
+def _fill_model(repo) -> None:
+    """``fill``: SHAPE (INT64 [2]) -> OUTPUT0, FP32 ones of that shape (ConstantOfShape)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ConstantOfShape", ["SHAPE"], ["OUTPUT0"],
+                            value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    graph = helper.make_graph([node], "fill", [helper.make_tensor_value_info("SHAPE", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["a", "b"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (repo / "fill" / "1").mkdir(parents=True)
+    onnx.save(model, str(repo / "fill" / "1" / "model.onnx"))
+    (repo / "fill" / "config.pbtxt").write_text(
+        'backend: "onnxruntime"\nmax_batch_size: 0\n'
+        'input [ { name: "SHAPE" data_type: TYPE_INT64 dims: [ 2 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1, -1 ] } ]\n'
+        'instance_group [ { kind: KIND_CPU count: 1 } ]\n')
+
 
 
 def _warm_up(srv) -> None:
@@ -55,20 +75,22 @@ def _established(port: int) -> int:
     return len(out.splitlines())
 
 
-def test_client_that_stops_reading_does_not_pin_memory(test_models, start_server):
-    srv = start_server([test_models], "--grpc-keepalive-time=1000", "--grpc-keepalive-timeout=1000",
-                       "--grpc-max-message-bytes=100000000")
-    _warm_up(srv)  # onnxruntime keeps an arena sized for the largest tensor it has seen
+def test_client_that_stops_reading_does_not_pin_memory(tmp_path, start_server):
+    _fill_model(tmp_path)
+    srv = start_server([tmp_path], "--grpc-keepalive-time=1000", "--grpc-keepalive-timeout=1000")
     base = rss(srv.proc.pid)
     client = subprocess.Popen([sys.executable, "-c", CLIENT, srv.grpc_url], cwd=ROOT, stdout=subprocess.PIPE)
     try:
         assert client.stdout.readline().strip() == b"sent"
         deadline = time.monotonic() + 30
-        while rss(srv.proc.pid) - base < 128 * MiB:  # requests arriving, responses on their way
-            assert time.monotonic() < deadline, "the server never received the requests"
-            time.sleep(0.01)
-        time.sleep(0.5)
+        while rss(srv.proc.pid) - base < 48 * MiB:  # the first answer is being made
+            assert time.monotonic() < deadline, "the server never made the answers"
+            time.sleep(0.002)
         client.send_signal(signal.SIGSTOP)  # alive, connected, reading nothing, answering no ping
+        while rss(srv.proc.pid) - base < 160 * MiB:  # the others are made and wait to be sent
+            assert time.monotonic() < deadline, "the server did not hold the answers"
+            time.sleep(0.05)
+        time.sleep(0.5)
         held = rss(srv.proc.pid) - base
         assert _established(srv.grpc_port) == 1
         deadline = time.monotonic() + 20
