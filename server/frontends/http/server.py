@@ -228,9 +228,10 @@ class HttpFrontend:
         size = 0
         try:
             while True:
-                try:
-                    chunk = await asyncio.wait_for(request.content.readany(), timeout)
-                except asyncio.TimeoutError:
+                try:  # one timer moved per read (asyncio.timeout, not a task per read as wait_for)
+                    async with asyncio.timeout(timeout):
+                        chunk = await request.content.readany()
+                except TimeoutError:
                     raise _Unread(HttpError(408, f"the request body stopped arriving for {timeout:g} s "
                                                  "(--http-read-timeout-secs)")) from None
                 if not chunk:
