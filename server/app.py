@@ -76,12 +76,10 @@ class App:
             self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port, self.security)
             await self.metrics_server.start()
         if s.allow_grpc:
-            self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes,
-                                     self.security)
+            self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_limits(), self.security)
             await self.grpc.start()
         if s.allow_http:  # same loop, same data plane; answers probes (not ready) while models load
-            self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes,
-                                     self.security)
+            self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.http_limits(), self.security)
             await self.http.start()
         await self._initial_load()
         if s.model_control_mode == "poll":

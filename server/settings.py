@@ -7,9 +7,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.frontends.limits import GrpcLimits, HttpLimits
 from server.telemetry import trace_config
 
 MAX_MESSAGE = 2**31 - 1  # what Triton and tritonclient use
+_HTTP = HttpLimits()
+_GRPC = GrpcLimits()
 
 
 def _bool(text: str) -> bool:
@@ -19,6 +22,19 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean, got '{text}'")
+
+
+def _positive(kind):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return convert
 
 
 @dataclass
@@ -31,7 +47,16 @@ class Settings:
     allow_grpc: bool = True
     allow_http: bool = True
     allow_metrics: bool = True
-    grpc_max_message_bytes: int = MAX_MESSAGE
+    grpc_max_message_bytes: int = _GRPC.max_receive_bytes
+    grpc_max_concurrent_streams: int = _GRPC.max_concurrent_streams
+    grpc_keepalive_time_ms: int = _GRPC.keepalive_time_ms
+    grpc_keepalive_timeout_ms: int = _GRPC.keepalive_timeout_ms
+    grpc_max_connection_idle_ms: int = _GRPC.max_connection_idle_ms
+    http_max_input_size: int = _HTTP.max_input_size
+    http_header_timeout_secs: float = _HTTP.header_timeout
+    http_keepalive_timeout_secs: float = _HTTP.keepalive_timeout
+    http_read_timeout_secs: float = _HTTP.read_timeout
+    http_max_connections: int = _HTTP.max_connections
     model_control_mode: str = "none"
     repository_poll_secs: float = 0.0
     load_models: list[str] = field(default_factory=list)
@@ -70,6 +95,15 @@ class Settings:
     tenant_max_concurrent: int = 0
     model_max_inflight: int = 0
 
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(self.http_max_input_size, self.http_header_timeout_secs,
+                          self.http_keepalive_timeout_secs, self.http_read_timeout_secs, self.http_max_connections)
+
+    def grpc_limits(self) -> GrpcLimits:
+        return GrpcLimits(self.grpc_max_message_bytes, MAX_MESSAGE, self.grpc_max_concurrent_streams,
+                          self.grpc_keepalive_time_ms, self.grpc_keepalive_timeout_ms,
+                          self.grpc_max_connection_idle_ms)
+
 
 SECURITY_FIELDS = [f for f in Settings.__dataclass_fields__ if f.startswith(
     ("grpc_use", "grpc_server", "grpc_root", "grpc_restricted", "http_use", "http_server", "http_root",
@@ -90,8 +124,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-grpc", type=_bool, default=True)
     p.add_argument("--allow-http", type=_bool, default=True)
     p.add_argument("--allow-metrics", type=_bool, default=True)
-    p.add_argument("--grpc-max-message-bytes", type=int, default=MAX_MESSAGE,
-                   help="max gRPC send/receive message size (default 2 GiB - 1)")
+    # limits (docs/limits.md); Triton's names where Triton has the setting
+    p.add_argument("--grpc-max-message-bytes", type=_positive(int), default=_GRPC.max_receive_bytes,
+                   help="largest gRPC request message in bytes (default 256 MiB); over it: RESOURCE_EXHAUSTED")
+    p.add_argument("--grpc-max-concurrent-streams", type=_positive(int), default=_GRPC.max_concurrent_streams,
+                   help="concurrent calls per gRPC connection (default 128)")
+    p.add_argument("--grpc-keepalive-time", dest="grpc_keepalive_time_ms", type=_positive(int),
+                   default=_GRPC.keepalive_time_ms, help="ms between keepalive pings on a gRPC connection "
+                   "with calls open (default 60000)")
+    p.add_argument("--grpc-keepalive-timeout", dest="grpc_keepalive_timeout_ms", type=_positive(int),
+                   default=_GRPC.keepalive_timeout_ms, help="ms to wait for a ping's answer before closing the "
+                   "connection (default 20000)")
+    p.add_argument("--grpc-max-connection-idle", dest="grpc_max_connection_idle_ms", type=_positive(int),
+                   default=_GRPC.max_connection_idle_ms, help="ms a gRPC connection may go without a call "
+                   "(default 300000)")
+    p.add_argument("--http-max-input-size", type=_positive(int), default=_HTTP.max_input_size,
+                   help="largest REST request body in bytes, also after decompression (default 64 MiB)")
+    p.add_argument("--http-header-timeout-secs", type=_positive(float), default=_HTTP.header_timeout,
+                   help="seconds for a request's headers to arrive (default 10)")
+    p.add_argument("--http-keepalive-timeout-secs", type=_positive(float), default=_HTTP.keepalive_timeout,
+                   help="seconds an idle REST connection stays open (default 30)")
+    p.add_argument("--http-read-timeout-secs", type=_positive(float), default=_HTTP.read_timeout,
+                   help="seconds a request body may pause between reads (default 30)")
+    p.add_argument("--http-max-connections", type=_positive(int), default=_HTTP.max_connections,
+                   help="open REST connections at most; more are answered 503 and closed (default 1000)")
     p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="none")
     p.add_argument("--repository-poll-secs", type=float, default=0.0)
     p.add_argument("--load-model", dest="load_models", action="append", default=[], metavar="NAME",
@@ -188,6 +244,15 @@ def from_args(argv: list[str] | None = None) -> Settings:
         allow_http=args.allow_http,
         allow_metrics=args.allow_metrics,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
+        grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
+        grpc_keepalive_time_ms=args.grpc_keepalive_time_ms,
+        grpc_keepalive_timeout_ms=args.grpc_keepalive_timeout_ms,
+        grpc_max_connection_idle_ms=args.grpc_max_connection_idle_ms,
+        http_max_input_size=args.http_max_input_size,
+        http_header_timeout_secs=args.http_header_timeout_secs,
+        http_keepalive_timeout_secs=args.http_keepalive_timeout_secs,
+        http_read_timeout_secs=args.http_read_timeout_secs,
+        http_max_connections=args.http_max_connections,
         model_control_mode=args.model_control_mode,
         repository_poll_secs=args.repository_poll_secs,
         load_models=args.load_models,

@@ -76,7 +76,11 @@ def check_inputs(config: ModelConfig, request: InferRequest) -> dict[str, np.nda
         array = tensor.data
         if spec.reshape is not None:
             lead = shape[:1] if config.max_batch_size > 0 else []
-            array = array.reshape(lead + list(spec.reshape))
+            try:
+                array = array.reshape(lead + list(spec.reshape))
+            except ValueError:
+                raise invalid(f"input '{tensor.name}' of shape {shape} cannot take the shape "
+                              f"{lead + list(spec.reshape)} that model '{model}' reshapes it to") from None
         arrays[tensor.name] = array
     missing = [i.name for i in config.inputs if i.name not in arrays and not i.optional]
     if missing:

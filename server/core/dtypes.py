@@ -58,13 +58,33 @@ def num_elements(shape: Iterable[int]) -> int:
     return count
 
 
+MAX_RANK = 64  # numpy's limit; Triton's tensors have no more either in practice
+_INT64_MAX = 2**63 - 1
+
+
+def check_shape(name: str, shape: list[int]) -> int:
+    """The element count of a request's declared ``shape``, after checking it can describe an array:
+    rank at most 64, no negative dimension, and no product beyond int64 (zero dims aside, so that
+    numpy can build the view). Says nothing about the data: callers compare it with what arrived."""
+    if len(shape) > MAX_RANK:
+        raise invalid(f"input '{name}' has a shape of rank {len(shape)}; at most {MAX_RANK} dimensions are supported")
+    count, nonzero = 1, 1
+    for dim in shape:
+        if dim < 0:
+            raise invalid(f"input '{name}' has a negative dimension in shape {list(shape)}")
+        count *= dim
+        if dim:
+            nonzero *= dim
+        if nonzero > _INT64_MAX:
+            raise invalid(f"input '{name}' has shape {list(shape)} whose element count exceeds the int64 range")
+    return count
+
+
 def decode_raw(name: str, datatype: str, shape: list[int], data: bytes | memoryview) -> np.ndarray:
     """Raw wire bytes -> array of ``shape``; a view over ``data`` for fixed-size types (no copy)."""
     if datatype not in NUMPY_DTYPES:
         raise invalid(f"input '{name}' has unsupported datatype '{datatype}'")
-    if any(d < 0 for d in shape):
-        raise invalid(f"input '{name}' has a negative dimension in shape {list(shape)}")
-    count = num_elements(shape)
+    count = check_shape(name, shape)
     if datatype == "BYTES":
         return deserialize_bytes(name, data, count).reshape(shape)
     expected = count * NUMPY_DTYPES[datatype].itemsize
@@ -80,10 +100,14 @@ def decode_raw(name: str, datatype: str, shape: list[int], data: bytes | memoryv
 
 
 def deserialize_bytes(name: str, data: bytes | memoryview, count: int) -> np.ndarray:
-    """Length-prefixed (4-byte little-endian) elements -> object array of ``count`` bytes."""
+    """Length-prefixed (4-byte little-endian) elements -> object array of ``count`` bytes.
+
+    ``count`` comes from a declared shape, so nothing is allocated from it: the elements are read
+    first (each takes 4 bytes of length prefix at least, so the walk is bounded by the data), and
+    the array is made once they all arrived."""
     view = memoryview(data)
-    out = np.empty(count, dtype=np.object_)
     offset, total = 0, len(view)
+    items: list[bytes] = []
     for i in range(count):
         if offset + 4 > total:
             raise invalid(
@@ -97,12 +121,14 @@ def deserialize_bytes(name: str, data: bytes | memoryview, count: int) -> np.nda
                 f"malformed BYTES data for input '{name}': element {i} claims {length} bytes "
                 f"but only {total - offset} remain"
             )
-        out[i] = bytes(view[offset : offset + length])
+        items.append(bytes(view[offset : offset + length]))
         offset += length
     if offset != total:
         raise invalid(
             f"malformed BYTES data for input '{name}': {total - offset} bytes left after {count} elements"
         )
+    out = np.empty(count, dtype=np.object_)
+    out[:] = items
     return out
 
 

@@ -7,6 +7,8 @@ builds the frozen dataclasses the rest of the server reads.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -19,6 +21,25 @@ from server.protos import model_config_pb2 as mc
 
 def _precondition(model: str, message: str) -> ServingError:
     return ServingError(ErrorCode.FAILED_PRECONDITION, f"model '{model}': {message}")
+
+
+def _file_name(model: str, what: str, value: str) -> None:
+    # one name inside its folder: a config must not make the server read or import files elsewhere
+    if value in (".", "..") or any(c in value for c in "/\\\0") or Path(value).is_absolute():
+        raise _precondition(model, f"{what} '{value}' must be a file name inside the model's folder "
+                                   "(no '/', '\\', '..' or absolute path)")
+
+
+def check_file_names(config: mc.ModelConfig) -> None:
+    """default_model_filename and warmup input_data_file are plain names (the loader also checks
+    that the files they resolve to, symbolic links followed, stay inside the model's folder)."""
+    if config.default_model_filename:
+        _file_name(config.name, "default_model_filename", config.default_model_filename)
+    for sample in config.model_warmup:
+        for key, value in sample.inputs.items():
+            if value.input_data_file:
+                _file_name(config.name, f"warmup sample '{sample.name}' input '{key}': input_data_file",
+                           value.input_data_file)
 
 
 def needs_io(config: mc.ModelConfig) -> bool:
@@ -100,6 +121,7 @@ def normalize(config: mc.ModelConfig, has_gpu: bool) -> None:
 
 
 def validate(config: mc.ModelConfig) -> None:
+    check_file_names(config)
     name = config.name
     if config.max_batch_size < 0:
         raise _precondition(name, f"max_batch_size must be >= 0, got {config.max_batch_size}")

@@ -41,7 +41,9 @@ def scan(repositories: list[Path]) -> tuple[dict[str, Path], dict[str, str]]:
     models, errors = {}, {}
     for name, paths in found.items():
         if len(paths) > 1:
-            errors[name] = f"model '{name}' appears in more than one repository: {', '.join(map(str, paths))}"
+            log.error("model '%s' appears in more than one repository: %s", name, ", ".join(map(str, paths)))
+            errors[name] = (f"model '{name}' appears in more than one of the {len(repositories)} repositories "
+                            "(--model-repository); the server log names them")
         else:
             models[name] = paths[0]
     return models, errors

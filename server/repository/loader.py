@@ -22,7 +22,7 @@ from server.protos import model_config_pb2 as mc
 from server.telemetry.cost import process_rss
 from server.telemetry.gpu import gpu_count
 
-from . import backends, ensemble, layout, pbtxt
+from . import backends, ensemble, layout, pbtxt, redact
 from . import config as configs
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,24 @@ def _placements(config: core.ModelConfig) -> list[tuple[str, str]]:
     return out
 
 
+def inside(folder: Path, name: str, what: str, model: str) -> Path:
+    """``folder / name``, refused unless it resolves (symbolic links followed) inside ``folder``."""
+    target = folder / name
+    if not target.resolve().is_relative_to(folder.resolve()):
+        log.error("model '%s': %s '%s' resolves to '%s', outside '%s'", model, what, name, target.resolve(), folder)
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{model}': {what} '{name}' leads outside the model's folder")
+    return target
+
+
 def _context(model_path: Path, version: int, vpath: Path, config: core.ModelConfig, name: str,
              device: str, index: int, threads: int, services: ModelServices | None = None,
              proto: mc.ModelConfig | None = None) -> LoadContext:
     extra = {"model_config": configs.to_json_dict(proto)} if proto is not None else {}
+    model_file = inside(vpath, config.default_model_filename, "default_model_filename", config.name)
     return LoadContext(
         model_name=config.name, version=version, model_path=model_path, version_path=vpath,
-        model_file=vpath / config.default_model_filename, config=config, device=device,
+        model_file=model_file, config=config, device=device,
         instance_name=name, instance_index=index, cpu_threads=threads, services=services, extra=extra,
     )
 
@@ -109,6 +120,27 @@ def _context(model_path: Path, version: int, vpath: Path, config: core.ModelConf
 def load_model(model_path: Path, options: LoadOptions, override_json: str | None = None,
                only_versions: set[int] | None = None, skip: frozenset[int] | set[int] = frozenset(),
                on_plan: Callable[[list[int]], None] | None = None, plan: dict | None = None) -> LoadResult:
+    """``_load_model`` with every client-facing reason free of absolute server paths (the full
+    text is logged here): the model's folder reads as its name, other paths as their last part."""
+    name = model_path.name
+    try:
+        result = _load_model(model_path, options, override_json, only_versions, skip, on_plan, plan)
+    except ServingError as exc:
+        message = redact.public(exc.message, model_path)
+        if message != exc.message:
+            log.error("model '%s' failed to load: %s", name, exc.message)
+        raise ServingError(exc.code, message) from exc
+    except Exception as exc:
+        log.exception("loading model '%s' failed", name)
+        raise ServingError(ErrorCode.INTERNAL, f"failed to load '{name}': {type(exc).__name__}: "
+                                               f"{redact.public(str(exc), model_path)}") from exc
+    result.failed = {v: redact.public(reason, model_path) for v, reason in result.failed.items()}
+    return result
+
+
+def _load_model(model_path: Path, options: LoadOptions, override_json: str | None = None,
+                only_versions: set[int] | None = None, skip: frozenset[int] | set[int] = frozenset(),
+                on_plan: Callable[[list[int]], None] | None = None, plan: dict | None = None) -> LoadResult:
     """Read, complete and validate the config, then load every selected version's instances.
 
     ``skip`` names versions the caller already serves unchanged: they count as selected but are not
@@ -123,6 +155,7 @@ def load_model(model_path: Path, options: LoadOptions, override_json: str | None
         raise ServingError(ErrorCode.FAILED_PRECONDITION,
                            f"model '{name}': config.pbtxt names the model '{proto.name}'; it must match the folder")
     proto.name = name
+    configs.check_file_names(proto)  # before anything looks for the files they name
     available = layout.versions(model_path)
     if not available:
         raise ServingError(ErrorCode.FAILED_PRECONDITION, f"model '{name}': no version folders (e.g. '{name}/1/')")
@@ -250,7 +283,8 @@ def warm_up(backend: Backend, config: core.ModelConfig, model_path: Path) -> Non
         inputs = {}
         for name, (datatype, dims, source) in sample.inputs.items():
             shape = ((sample.batch_size,) if config.max_batch_size > 0 else ()) + tuple(dims)
-            inputs[name] = _warmup_tensor(datatype, shape, source, rng, model_path / "warmup")
+            where = f"warmup sample '{sample.name}' input '{name}'"
+            inputs[name] = _warmup_tensor(datatype, shape, source, rng, model_path / "warmup", where, config.name)
         outputs = [o.name for o in config.outputs]
         for _ in range(sample.count):
             try:
@@ -261,13 +295,32 @@ def warm_up(backend: Backend, config: core.ModelConfig, model_path: Path) -> Non
     backend.warmup()
 
 
-def _warmup_tensor(datatype: str, shape: tuple[int, ...], source: str, rng, folder: Path) -> np.ndarray:
+def _warmup_data(folder: Path, source: str, where: str, model: str) -> bytes:
+    """A warmup data file's bytes; errors name the file as the config does, never its content or
+    where it is on disk (that stays in the log)."""
+    path = inside(folder, source, f"{where}: input_data_file", model)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        log.error("model '%s': %s: cannot read '%s': %s", model, where, path, exc)
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{model}': {where}: cannot read warmup/{source}: {exc.strerror}") from None
+
+
+def _warmup_tensor(datatype: str, shape: tuple[int, ...], source: str, rng, folder: Path,
+                   where: str = "warmup", model: str = "") -> np.ndarray:
     dtype = NUMPY_DTYPES[datatype]
     count = int(np.prod(shape)) if shape else 1
     if datatype == "BYTES":
         from server.core.dtypes import deserialize_bytes
         if source not in ("zero", "random"):
-            return deserialize_bytes("warmup", (folder / source).read_bytes(), count).reshape(shape)
+            data = _warmup_data(folder, source, where, model)
+            try:
+                return deserialize_bytes("warmup", data, count).reshape(shape)
+            except ServingError:
+                raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                                   f"model '{model}': {where}: warmup/{source} does not hold {count} "
+                                   "length-prefixed BYTES elements") from None
         return np.array([b"0" * 4] * count, dtype=np.object_).reshape(shape)
     if source == "zero":
         return np.zeros(shape, dtype)
@@ -277,7 +330,12 @@ def _warmup_tensor(datatype: str, shape: tuple[int, ...], source: str, rng, fold
         if dtype.kind == "b":
             return rng.integers(0, 2, shape).astype(dtype)
         return rng.integers(0, 8, shape).astype(dtype)
-    return np.frombuffer((folder / source).read_bytes(), dtype).reshape(shape)
+    data = _warmup_data(folder, source, where, model)
+    if len(data) != count * dtype.itemsize:
+        raise ServingError(ErrorCode.FAILED_PRECONDITION,
+                           f"model '{model}': {where}: warmup/{source} does not hold the "
+                           f"{count * dtype.itemsize} bytes of {datatype} shape {list(shape)}")
+    return np.frombuffer(data, dtype).reshape(shape)
 
 
 def write_override(name: str, files: dict[str, bytes]) -> Path:

@@ -10,6 +10,8 @@ from server.core.errors import invalid
 from server.core.types import InferRequest, InferResponse, RequestedOutput, Tensor
 from server.protos import grpc_service_pb2 as pb
 
+from .wire import RawInferRequest, UnaryReply
+
 # datatype -> the typed contents field that may carry it
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -42,7 +44,7 @@ def _typed(tensor, shape: list[int]) -> np.ndarray:
     if any(f != expected for f in used):
         raise invalid(f"input '{name}' of {datatype} carries {', '.join(used)}; expected {expected}")
     values = getattr(contents, expected)
-    count = dtypes.num_elements(shape)
+    count = dtypes.check_shape(name, shape)
     if len(values) != count:
         raise invalid(f"input '{name}' has {len(values)} elements in {expected} but shape {shape} needs {count}")
     if datatype == "BYTES":
@@ -50,8 +52,11 @@ def _typed(tensor, shape: list[int]) -> np.ndarray:
     return np.array(values, dtype=dtypes.NUMPY_DTYPES[datatype]).reshape(shape)
 
 
-def to_request(msg: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
-    raw = msg.raw_input_contents
+def to_request(msg: pb.ModelInferRequest | RawInferRequest, deadline: float | None = None) -> InferRequest:
+    if isinstance(msg, RawInferRequest):  # ModelInfer: raw contents are views over the message
+        raw, msg = msg.raw, msg.msg
+    else:
+        raw = msg.raw_input_contents
     inputs: list[Tensor] = []
     next_raw = 0
     for tensor in msg.inputs:
@@ -96,6 +101,28 @@ def from_response(response: InferResponse) -> pb.ModelInferResponse:
     for key, value in response.parameters.items():
         set_param(out.parameters[key], value)
     return out
+
+
+def unary_response(response: InferResponse) -> UnaryReply:
+    """The ModelInfer reply: the protobuf header and the outputs' bytes, serialized together once
+    by wire.serialize_infer_response (from_response builds the full message, for streams)."""
+    header = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
+                                   id=response.id)
+    blobs = []
+    for tensor in response.outputs:
+        header.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        blobs.append(_blob(tensor.data, tensor.datatype))
+    for key, value in response.parameters.items():
+        set_param(header.parameters[key], value)
+    return UnaryReply(header, blobs)
+
+
+def _blob(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    """The output's wire bytes; a view over the array when it is already contiguous and typed."""
+    if datatype == "BYTES":
+        return dtypes.serialize_bytes(array)
+    array = np.ascontiguousarray(array, dtype=dtypes.NUMPY_DTYPES[datatype])
+    return array.reshape(-1).view(np.uint8).data
 
 
 def set_param(p: pb.InferParameter, value) -> None:

@@ -147,7 +147,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.dp.tracing_on:  # the caller's trace context (traceparent / tracestate metadata)
             infer_request.trace = self.dp.trace_grpc(context.invocation_metadata())
         response = await self.dp.infer(infer_request)
-        return converters.from_response(response)
+        return converters.unary_response(response)
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for message in self._stream(request_iterator, context):  # grpc.aio wants an async generator here

@@ -8,6 +8,7 @@ body (``dtypes.decode_raw``), without a copy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 
@@ -25,16 +26,31 @@ _FLOAT_TYPES = frozenset({"FP32", "FP64"})
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 
 
+_NON_FINITE = (b"NaN", b"Infinity", b"-Infinity")
+
+
 def loads(data: bytes | bytearray | memoryview, what: str = "request body") -> object:
-    """Parse JSON; NaN/Infinity literals (which tritonclient sends for non-finite floats) are accepted."""
+    """Parse JSON; NaN/Infinity literals (which tritonclient sends for non-finite floats) are accepted.
+
+    Nothing of a failed parse outlives the call: only the error text is kept (an exception kept in a
+    local would form a cycle, exception -> traceback -> this frame -> exception, holding the body
+    until the garbage collector happened to run)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        first = exc
-    try:  # the stdlib parser takes NaN, Infinity and -Infinity; orjson is strict RFC 8259
-        return json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError):
-        raise invalid(f"malformed JSON in the {what}: {first}") from None
+        message, position = str(exc), exc.pos
+    # the stdlib parser takes NaN, Infinity and -Infinity; orjson is strict RFC 8259. Only worth a
+    # second parse when orjson stopped at one of those literals
+    view = memoryview(data)
+    # orjson counts characters; the byte offset is the UTF-8 length of that many characters
+    offset = len(str(view[: 4 * position], "utf-8", "ignore")[:position].encode()) if position else 0
+    window = bytes(view[max(0, offset - 1) : offset + 9])
+    if any(literal in window for literal in _NON_FINITE):
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+            pass
+    raise invalid(f"malformed JSON in the {what}: {message}")
 
 
 def dumps(value: object) -> bytes:
@@ -100,20 +116,24 @@ def _flag(params: dict, key: str, where: str, default: bool) -> bool:
 
 def _shape(name: str, value: object) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise invalid(f"input '{name}': 'shape' must be an array of integers, got {value!r}")
-    if any(d < 0 for d in value):
-        raise invalid(f"input '{name}' has a negative dimension in shape {value}")
+        raise invalid(f"input '{name}': 'shape' must be an array of integers, got {repr(value)[:200]}")
+    dtypes.check_shape(name, value)
     return value
 
 
 def _flat_strings(name: str, data: list, out: list) -> None:
-    for item in data:
-        if isinstance(item, list):
-            _flat_strings(name, item, out)
-        elif isinstance(item, str):
+    # iterative: nesting as deep as the JSON parser allows must not reach Python's recursion limit
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, str):
+                raise invalid(f"input '{name}' of BYTES must hold JSON strings, found {type(item).__name__}")
             out.append(item)
         else:
-            raise invalid(f"input '{name}' of BYTES must hold JSON strings, found {type(item).__name__}")
+            stack.pop()
 
 
 def json_array(name: str, datatype: str, shape: list[int], data: object) -> np.ndarray:
@@ -125,7 +145,7 @@ def json_array(name: str, datatype: str, shape: list[int], data: object) -> np.n
         )
     if not isinstance(data, list):
         raise invalid(f"input '{name}': 'data' must be a JSON array, got {type(data).__name__}")
-    count = dtypes.num_elements(shape)
+    count = dtypes.check_shape(name, shape)
     if datatype == "BYTES":
         items: list[str] = []
         _flat_strings(name, data, items)
@@ -276,6 +296,35 @@ def parse_infer(
         parameters=request_params,
     )
     return request, fmt
+
+
+# JSON above this size is parsed or written in a worker thread: orjson holds the GIL, but the
+# interpreter hands it back to the event loop between its allocations, so other requests keep
+# being answered (a 77 MB body: the loop waited at most ~0.1 s at a time instead of the whole parse)
+OFFLOOP_JSON_BYTES = 1 << 20
+_OFFLOOP_JSON_ELEMENTS = 256 << 10
+
+
+async def parse_infer_async(
+    model: str, version: str, body: bytes | bytearray, header_length: str | None
+) -> tuple[InferRequest, OutputFormat]:
+    """``parse_infer``, off the event loop when the JSON part is large."""
+    json_part = len(body)
+    if header_length is not None and header_length.strip().isdigit():
+        json_part = min(json_part, int(header_length.strip()))
+    if json_part > OFFLOOP_JSON_BYTES:
+        return await asyncio.to_thread(parse_infer, model, version, body, header_length)
+    return parse_infer(model, version, body, header_length)
+
+
+async def encode_infer_async(
+    response: InferResponse, fmt: OutputFormat
+) -> tuple[bytes, list[bytes | memoryview]]:
+    """``encode_infer``, off the event loop when large outputs are written as JSON."""
+    in_json = sum(t.data.size for t in response.outputs if not fmt.is_binary(t.name))
+    if in_json > _OFFLOOP_JSON_ELEMENTS:
+        return await asyncio.to_thread(encode_infer, response, fmt)
+    return encode_infer(response, fmt)
 
 
 # ---------------------------------------------------------------- response

@@ -191,7 +191,7 @@ async def model_unload(dp: DataPlane, call: Call) -> Reply:
 
 
 async def infer(dp: DataPlane, call: Call) -> Reply:
-    request, fmt = converters.parse_infer(
+    request, fmt = await converters.parse_infer_async(
         call.group("model"), call.group("version"), call.body, call.headers.get(HEADER_LENGTH)
     )
     identity.tag(request, identity.http_lookup(call.headers))
@@ -203,7 +203,7 @@ async def infer(dp: DataPlane, call: Call) -> Reply:
         if exc.message == DECOUPLED_UNARY:  # Triton's REST wording for the same refusal
             raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_HTTP) from None
         raise
-    header, blobs = converters.encode_infer(response, fmt)
+    header, blobs = await converters.encode_infer_async(response, fmt)
     if not blobs:
         return Reply(200, [header])
     return Reply(200, [header, *blobs], BINARY, {HEADER_LENGTH: str(len(header))})

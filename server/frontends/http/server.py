@@ -33,44 +33,72 @@ import zlib
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from server.core import sockets
 from server.core.errors import ServingError, invalid
 from server.dataplane import DataPlane
+from server.frontends.limits import HttpLimits
 from server.frontends.status import http_status
 
-from . import converters
+from . import connections, converters
 from .openai import ROUTES as OPENAI_ROUTES
 from .routes import ROUTES, Call, HttpError, Reply, Router
 
 log = logging.getLogger(__name__)
 
 # bodies larger than this are (de)compressed in a worker thread (zlib releases the GIL): the event
-# loop keeps serving other requests meanwhile
+# loop keeps serving other requests meanwhile. Compressed bodies go to the thread from 64 KiB on:
+# at deflate's ~1000:1 a small body can inflate to the whole --http-max-input-size
 _THREAD_BYTES = 1 << 20
+_INFLATE_THREAD_BYTES = 64 << 10
 # replies larger than this are written part by part instead of joined into one buffer first
 _STREAM_BYTES = 1 << 20
+# stopping: a connection is closed once it was quiet this long (a client that just connected, or
+# just got its answer, has its next request on the way), and all are closed after _CLOSE_GRACE
+_QUIET_BEFORE_CLOSE = 0.25
+_CLOSE_GRACE = 2.0
 # deflate is zlib-wrapped (what tritonclient and Triton use); gzip adds its own header
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def _decompress(data: bytes, encoding: str, limit: int) -> bytes:
-    def inflate(wbits: int) -> bytes:
-        engine = zlib.decompressobj(wbits)
-        out = engine.decompress(data, limit + 1)  # bounded: a small bomb cannot fill the memory
-        if len(out) > limit:
-            raise invalid(f"the decompressed request body exceeds the limit of {limit} bytes")
-        if not engine.eof:
-            raise invalid(f"the {encoding} request body is truncated")
-        return out
+def too_large(what: str, limit: int) -> HttpError:
+    return HttpError(413, f"{what} exceeds the maximum allowed input size of {limit} bytes; "
+                          "use --http-max-input-size to increase the limit")
 
+
+def _inflate(data: bytes | bytearray, wbits: int, limit: int) -> tuple[bytearray | None, bool]:
+    """(output, complete); output None when it would exceed ``limit``. Inflated 1 MiB at a time into
+    one growing buffer, so the peak is the output plus a step (zlib's own bounded ``max_length``
+    output is assembled from blocks and joined at the end: twice the output for a moment)."""
+    engine = zlib.decompressobj(wbits)
+    out = bytearray()
+    pending: bytes | bytearray = data
+    while True:
+        piece = engine.decompress(pending, 1 << 20)
+        out += piece
+        if len(out) > limit:
+            return None, True
+        pending = engine.unconsumed_tail
+        if engine.eof or (not piece and not pending):
+            return out, engine.eof
+
+
+def _decompress(data: bytes | bytearray, encoding: str, limit: int) -> bytearray:
+    # errors are raised here, outside the frame holding the output, and carry no reference to it
     try:
-        return inflate(_WBITS[encoding])
+        out, complete = _inflate(data, _WBITS[encoding], limit)
     except zlib.error as exc:
-        if encoding == "deflate":  # some clients send raw deflate without the zlib wrapper
-            try:
-                return inflate(-zlib.MAX_WBITS)
-            except zlib.error:
-                pass
-        raise invalid(f"the request body is not valid {encoding} data: {exc}") from None
+        message = str(exc)
+        if encoding != "deflate":
+            raise invalid(f"the request body is not valid {encoding} data: {message}") from None
+        try:  # some clients send raw deflate without the zlib wrapper
+            out, complete = _inflate(data, -zlib.MAX_WBITS, limit)
+        except zlib.error:
+            raise invalid(f"the request body is not valid {encoding} data: {message}") from None
+    if out is None:
+        raise too_large(f"the decompressed ({encoding}) request body", limit)
+    if not complete:
+        raise invalid(f"the {encoding} request body is truncated")
+    return out
 
 
 def _compress(data: bytes, encoding: str) -> bytes:
@@ -104,6 +132,13 @@ class _ClientGone(Exception):
     pass
 
 
+class _Unread(Exception):
+    """The reply is sent without reading the rest of the body: the connection closes after it."""
+
+    def __init__(self, error: HttpError) -> None:
+        self.error = error
+
+
 class _ProtocolLogger:
     """aiohttp's per-connection logger. A request its parser rejects (aiohttp answers 400 itself) is
     the client's mistake: one warning line, not an error with a traceback."""
@@ -126,14 +161,15 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 
 
 class HttpFrontend:
-    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int,
-                 security=None) -> None:
+    def __init__(self, dataplane: DataPlane, host: str, port: int, limits: HttpLimits, security=None) -> None:
         self.dataplane = dataplane
         self.host = host
         self.port = port
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
         self.router = Router(ROUTES + OPENAI_ROUTES)
         self._runner: web.ServerRunner | None = None
+        self._site: web.BaseSite | None = None
+        self._server: connections.LimitedServer | None = None
         self.security = security  # server.security.Security: TLS, and the checks before a route runs
 
     async def start(self) -> None:
@@ -141,8 +177,9 @@ class HttpFrontend:
         # read_bufsize 1 MiB: large tensors arrive with few flow-control pauses
         ssl_context, handle = (self.security.http_transport(self._handle, self.dataplane)
                                if self.security else (None, self._handle))
-        server = web.Server(
+        server = self._server = connections.LimitedServer(
             handle,
+            limits_=self.limits,
             auto_decompress=False,
             access_log=None,
             read_bufsize=1 << 20,
@@ -153,49 +190,84 @@ class HttpFrontend:
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, shutdown_timeout=1.0,
-                           ssl_context=ssl_context)
         try:
+            sock = sockets.listen(self.host, self.port)
+            site = self._site = web.SockSite(self._runner, sock, shutdown_timeout=1.0, ssl_context=ssl_context)
             await site.start()
         except OSError as exc:
             raise OSError(
                 exc.errno, f"cannot listen for HTTP on {self.host}:{self.port}: {exc.strerror}"
             ) from exc
+        sockets.quiet_accept_errors(asyncio.get_running_loop())
         self.port = self._runner.addresses[0][1]
         log.info("HTTP listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
+        """Stop listening, let each keep-alive connection finish the request it has (answered with
+        ``Connection: close`` while the server drains), close the quiet ones, then clean up."""
+        if self._site is not None:
+            await self._site.stop()
+        if self._server is not None:
+            await connections.close_gracefully(self._server, _QUIET_BEFORE_CLOSE, _CLOSE_GRACE)
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
-        limit = self.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise invalid(
-                f"the request body of {request.content_length} bytes exceeds the limit of {limit} bytes"
-            )
-        chunks, size = [], 0
+    async def _read_body(self, request: web.BaseRequest) -> bytes | bytearray:
+        limit = self.limits.max_input_size
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in _WBITS and encoding not in ("", "identity"):
+            raise invalid(f"unsupported Content-Encoding '{encoding}': use gzip, deflate or identity")
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise _Unread(too_large(f"the request body of {declared} bytes", limit))
+        body = await self._receive(request, declared, limit)
+        if encoding in ("", "identity"):
+            return body
+        if len(body) > _INFLATE_THREAD_BYTES:
+            return await asyncio.to_thread(_decompress, body, encoding, limit)
+        return _decompress(body, encoding, limit)
+
+    async def _receive(self, request: web.BaseRequest, declared: int | None, limit: int) -> bytes | bytearray:
+        """The body, copied once: into a buffer of the declared length (no list of chunks joined
+        afterwards, which would hold the body twice), or grown chunk by chunk when chunked."""
+        timeout = self.limits.read_timeout
+        body = bytearray(declared) if declared else bytearray()
+        size = 0
         try:
-            while chunk := await request.content.readany():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    raise invalid(f"the request body exceeds the limit of {limit} bytes")
+            while True:
+                try:  # one timer moved per read (asyncio.timeout, not a task per read as wait_for)
+                    async with asyncio.timeout(timeout):
+                        chunk = await request.content.readany()
+                except TimeoutError:
+                    raise _Unread(HttpError(408, f"the request body stopped arriving for {timeout:g} s "
+                                                 "(--http-read-timeout-secs)")) from None
+                if not chunk:
+                    break
+                end = size + len(chunk)
+                if end > limit:
+                    raise _Unread(too_large("the request body", limit))
+                if declared:
+                    body[size:end] = chunk
+                else:
+                    body += chunk
+                size = end
         except HttpProcessingError as exc:  # e.g. the body ended before its Content-Length
             raise invalid(f"the request body could not be read: {exc.message}") from None
         except ConnectionResetError:  # the client left mid-body: nobody to answer
             raise _ClientGone from None
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding in ("", "identity"):
-            return body
-        if encoding not in _WBITS:
-            raise invalid(f"unsupported Content-Encoding '{encoding}': use gzip, deflate or identity")
-        if len(body) > _THREAD_BYTES:
-            return await asyncio.to_thread(_decompress, body, encoding, limit)
-        return _decompress(body, encoding, limit)
+        if declared and size != declared:
+            raise invalid(f"the request body ended after {size} of its {declared} bytes")
+        return body
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        connections.started(request)
+        try:
+            return await self._answer(request)
+        finally:
+            connections.finished(request)
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
+        close = False
         try:
             handler, groups = self.router.match(request.method, request.raw_path.partition("?")[0])
             body = await self._read_body(request) if request.method == "POST" else b""
@@ -204,6 +276,8 @@ class HttpFrontend:
             reply = error_reply(http_status(exc.code), exc.message)
         except HttpError as exc:
             reply = error_reply(exc.status, exc.message, exc.headers)
+        except _Unread as exc:  # the rest of the body is not worth reading: answer, then close
+            reply, close = error_reply(exc.error.status, exc.error.message), True
         except _ClientGone:
             return web.Response(status=400)  # aiohttp drops it: the connection is closed
         except (asyncio.CancelledError, ConnectionError):
@@ -211,7 +285,10 @@ class HttpFrontend:
         except Exception as exc:
             log.exception("%s %s failed", request.method, request.path)
             reply = error_reply(500, f"internal error: {type(exc).__name__}: {exc}")
-        return await self._send(request, reply)
+        response = await self._send(request, reply)
+        if close or self.dataplane.draining:  # draining: the client must not send here again
+            response.force_close()
+        return response
 
     async def _send(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
         if reply.events is not None:
