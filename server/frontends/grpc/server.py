@@ -25,13 +25,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class GrpcFrontend:
-    def __init__(self, dataplane: DataPlane, address: str, max_message_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, address: str, max_message_bytes: int, reuse_port: bool = False) -> None:
         self.dataplane = dataplane
         self.address = address
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),  # frontend workers share the port
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)

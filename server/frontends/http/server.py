@@ -125,8 +125,10 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 
 
 class HttpFrontend:
-    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, host: str, port: int, max_body_bytes: int,
+                 reuse_port: bool = False) -> None:
         self.dataplane = dataplane
+        self.reuse_port = reuse_port  # frontend workers share the port
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
@@ -148,7 +150,8 @@ class HttpFrontend:
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, shutdown_timeout=1.0,
+                           reuse_port=self.reuse_port or None)
         try:
             await site.start()
         except OSError as exc:

@@ -1,0 +1,451 @@
+"""The worker side: ``RemoteDataPlane``, the DataPlane the frontends of a worker process call.
+
+It has the DataPlane's methods and forwards each to the engine: inference over the data channel
+(an asyncio Unix-socket connection; tensors written once into this worker's request arena), control
+calls (metadata, config, statistics, index, trace settings, stream admission) over a blocking call
+channel (they are synchronous methods for the frontends). Readiness, draining and whether tracing is
+on come from state the engine pushes (and returns with every heartbeat). An engine that is gone or
+does not answer heartbeats makes every call fail with UNAVAILABLE at once: a worker never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any, Mapping
+
+from server.core.changes import Changes
+from server.core.errors import ServingError, unavailable
+from server.core.types import InferRequest, InferResponse
+
+from . import arena, calls, wire
+from .call_client import CallClient
+from .link import FrameProtocol
+
+log = logging.getLogger(__name__)
+
+PROPAGATED = ("traceparent", "tracestate")
+ENGINE_GONE = "the inference engine process is unreachable (frontend worker {slot})"
+
+
+class RemoteTrace:
+    """The caller's trace context as a worker hands it over; the engine rebuilds the real one."""
+
+    __slots__ = ("kind", "carrier", "start_ns", "stream_id")
+
+    def __init__(self, kind: int, carrier: dict[str, str], stream_id: int = 0) -> None:
+        self.kind, self.carrier, self.stream_id = kind, carrier, stream_id
+        self.start_ns = time.time_ns()
+
+
+class RemoteStreamTrace:
+    """A ModelStreamInfer stream's trace: its span lives in the engine, keyed by this id."""
+
+    def __init__(self, plane: "RemoteDataPlane", carrier: dict[str, str]) -> None:
+        self.plane, self.carrier = plane, carrier
+        self.id = next(plane._trace_ids)
+        self.used = False
+
+    def child(self, model: str) -> RemoteTrace:
+        self.used = True
+        return RemoteTrace(wire.TRACE_STREAM, self.carrier, self.id)
+
+    def end(self) -> None:
+        if self.used:
+            self.plane._send(wire.TRACE_END, self.id)
+
+
+class RemoteStream:
+    """A request's responses as they arrive from the engine (core.stream.ResponseStream's interface)."""
+
+    __slots__ = ("_plane", "_tag", "_items", "_waiter", "_ended", "_cancelled", "decoupled", "empty_final")
+
+    def __init__(self, plane: "RemoteDataPlane", tag: int) -> None:
+        self._plane, self._tag = plane, tag
+        self._items: deque[InferResponse] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._ended = False  # the final response was delivered to us
+        self._cancelled = False
+        self.decoupled = False
+        self.empty_final = False
+
+    def push(self, response: InferResponse) -> None:
+        if self._cancelled:
+            return
+        self._items.append(response)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def cancel(self) -> None:
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._plane._forget(self._tag, cancel=True)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled
+
+    def __aiter__(self) -> "RemoteStream":
+        return self
+
+    async def __anext__(self) -> InferResponse:
+        while not self._items:
+            if self._ended or self._cancelled:
+                raise StopAsyncIteration
+            self._waiter = self._plane._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        response = self._items.popleft()
+        if response.final:
+            self._ended = True
+        return response
+
+
+class _DataChannel(FrameProtocol):
+    def __init__(self, plane: "RemoteDataPlane") -> None:
+        super().__init__()
+        self.plane = plane
+
+    def on_frame(self, kind: int, tag: int, body: bytes) -> None:
+        self.plane._on_frame(kind, tag, body)
+
+    def on_lost(self) -> None:
+        self.plane._engine_lost("the connection to the engine closed")
+
+
+class RemoteDataPlane:
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.slot: int = config["slot"]
+        self._config = config
+        self._req_shm = arena.attach(config["request_arena"])
+        self._req_buf = self._req_shm.buf
+        self._req_alloc = arena.Allocator(self._req_shm.size)
+        self._resp_shm = arena.attach(config["response_arena"])
+        self._resp_buf = self._resp_shm.buf
+        self._timeout: float = config["engine_timeout"]
+        self._max_inflight: int = config["max_inflight"]
+        self._tags = itertools.count(1)
+        self._trace_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future | RemoteStream] = {}
+        self._controls: dict[int, asyncio.Future] = {}
+        self._views: dict[int, tuple] = {}  # id(weakref to a response's root view) -> (ref, block)
+        self._released: list[int] = []
+        self._release_scheduled = False
+        self._state: dict[str, Any] = {"ready": False, "started": False, "draining": False, "tracing_on": False,
+                                       "reason": "the engine has not reported yet", "metadata": {}}
+        self._down: str | None = "the engine is not connected yet"
+        self._last_pong = time.monotonic()
+        self._data: _DataChannel | None = None
+        self._calls: CallClient | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self._first_state: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        self.changes = Changes()
+        self.stopped = asyncio.Event()  # the engine said STOP, or it is gone
+        self.stop_reason = ""
+
+    # -- connection --------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        hello = {"slot": self.slot, "token": self._config["token"], "pid": _pid()}
+        self._first_state = self._loop.create_future()
+        _, self._data = await self._loop.create_unix_connection(lambda: _DataChannel(self), self._config["path"])
+        self._data.send(wire.HELLO, 0, json.dumps({**hello, "role": "data"}).encode())
+        self._calls = CallClient(self._config["path"], json.dumps({**hello, "role": "call"}).encode(), self._timeout)
+        await asyncio.wait_for(self._first_state, self._timeout)
+        self._heartbeat = self._loop.create_task(self._beat())
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._data is not None:
+            self._data.close()
+        if self._calls is not None:
+            self._calls.close()
+
+    async def _beat(self) -> None:
+        interval = min(0.5, self._timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self._send(wire.PING, 0)
+            silent = time.monotonic() - self._last_pong
+            if silent > self._timeout and self._down is None:
+                self._set_down(f"the inference engine has not answered for {silent:.1f}s (frontend worker "
+                               f"{self.slot})")
+
+    def _set_down(self, reason: str | None) -> None:
+        if reason == self._down:
+            return
+        self._down = reason
+        if reason is not None:
+            log.warning("%s: failing %d requests in flight with UNAVAILABLE", reason, len(self._pending))
+            error = unavailable(reason)
+            for tag, waiter in list(self._pending.items()):
+                self._forget(tag, cancel=True, error=error)
+            for future in self._controls.values():
+                if not future.done():
+                    future.set_exception(unavailable(reason))
+            self._controls.clear()
+        else:
+            log.info("the inference engine answers again (frontend worker %d)", self.slot)
+        self.changes.notify()
+
+    def _engine_lost(self, why: str) -> None:
+        if self.stopped.is_set():
+            return
+        self._set_down(ENGINE_GONE.format(slot=self.slot) + f": {why}")
+        self.stop_reason = "engine gone"
+        self.stopped.set()
+
+    # -- frames from the engine --------------------------------------------------------------
+
+    def _on_frame(self, kind: int, tag: int, body: bytes) -> None:
+        if kind == wire.RESPONSE:
+            response, views = wire.decode_response(body, self._resp_buf)
+            if views is not None and views.block >= 0:
+                ref = weakref.ref(views.root, self._freed)
+                self._views[id(ref)] = (ref, views.block)
+            del views
+            waiter = self._pending.get(tag)
+            if waiter is None:
+                return  # cancelled meanwhile: dropping the response frees its block
+            if isinstance(waiter, RemoteStream):
+                if response.final:
+                    del self._pending[tag]
+                waiter.push(response)
+            else:
+                del self._pending[tag]
+                if not waiter.done():
+                    if response.error is not None:
+                        waiter.set_exception(response.error)
+                    else:
+                        waiter.set_result(response)
+        elif kind == wire.ERROR:
+            self._forget(tag, cancel=False, error=wire.decode_error(body))
+        elif kind == wire.RELEASE:
+            for block in wire.offsets(body):
+                self._req_alloc.free(block)
+        elif kind in (wire.PONG, wire.STATE):
+            self._last_pong = time.monotonic()
+            self._apply_state(json.loads(body))
+            if self._down is not None and not self.stopped.is_set():
+                self._set_down(None)
+        elif kind == wire.REPLY:
+            future = self._controls.pop(tag, None)
+            if future is not None and not future.done():
+                future.set_result(body)
+        elif kind == wire.STOP:
+            self.stop_reason = "engine stop"
+            self._state["draining"] = True
+            self.changes.notify()
+            self.stopped.set()
+
+    def _apply_state(self, state: dict) -> None:
+        old = self._state
+        self._state = state
+        if self._first_state is not None and not self._first_state.done():
+            self._first_state.set_result(None)
+        if (old.get("ready"), old.get("draining"), old.get("changes")) != (
+                state.get("ready"), state.get("draining"), state.get("changes")):
+            self.changes.notify()
+
+    def _freed(self, ref: weakref.ref) -> None:
+        held = self._views.pop(id(ref), None)
+        if held is None:
+            return
+        block = held[1]
+        self._released.append(block)
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            if threading.get_ident() == self._thread:
+                self._loop.call_soon(self._flush_released)
+            else:
+                self._loop.call_soon_threadsafe(self._flush_released)
+
+    def _flush_released(self) -> None:
+        self._release_scheduled = False
+        blocks, self._released = self._released, []
+        if blocks:
+            self._send(wire.RELEASE, 0, wire.release_body(blocks))
+
+    def _send(self, kind: int, tag: int, body: bytes = b"") -> None:
+        if self._data is not None:
+            self._data.send(kind, tag, body)
+
+    def _forget(self, tag: int, cancel: bool, error: ServingError | None = None) -> None:
+        waiter = self._pending.pop(tag, None)
+        if cancel and waiter is not None:
+            self._send(wire.CANCEL, tag)
+        if error is None or waiter is None:
+            return
+        if isinstance(waiter, RemoteStream):
+            waiter.push(InferResponse("", "", "", [], {}, True, error))
+        elif not waiter.done():
+            waiter.set_exception(error)
+
+    def _admit(self) -> None:
+        if self._down is not None:
+            raise unavailable(self._down)
+        if len(self._pending) >= self._max_inflight or (self._data is not None and self._data.paused):
+            raise unavailable(f"the inference engine is full: {len(self._pending)} requests of frontend worker "
+                              f"{self.slot} are in flight")
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if self._down is not None:
+            raise unavailable(self._down)
+        return calls.decode(method, self._calls.call(wire.CONTROL, next(self._tags), calls.request(method, *args)))
+
+    # -- the DataPlane interface: health and metadata ----------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._down is None and bool(self._state.get("ready"))
+
+    def not_ready_reason(self) -> str:
+        return self._down or self._state.get("reason", "")
+
+    @property
+    def started(self) -> bool:
+        return bool(self._state.get("started"))
+
+    @property
+    def draining(self) -> bool:
+        return bool(self._state.get("draining"))
+
+    @property
+    def control_mode(self) -> str:
+        return self._state.get("control_mode", "none")
+
+    def metadata(self) -> dict:
+        return dict(self._state.get("metadata") or {})
+
+    def model_metadata(self, name: str, version: str = ""):
+        return self._call("model_metadata", name, version)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return self._call("model_ready", name, version)
+
+    def model_config(self, name: str, version: str = ""):
+        return self._call("model_config", name, version)
+
+    def model_config_json(self, name: str, version: str = "") -> dict:
+        return self._call("model_config_json", name, version)
+
+    def model_names(self) -> list[str]:
+        return self._call("model_names")
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict]:
+        return self._call("statistics", name, version)
+
+    def repository_index(self, ready_only: bool = False) -> list:
+        return self._call("repository_index", ready_only)
+
+    def trace_settings(self, model: str = "", changes: dict | None = None, update: bool = False) -> dict:
+        return self._call("trace_settings", model, changes, update)
+
+    # -- model control (async: a load may take long; the worker's loop keeps serving) ---------
+
+    async def _control(self, method: str, *args: Any) -> Any:
+        if self._down is not None:
+            raise unavailable(self._down)
+        tag = next(self._tags)
+        future = self._loop.create_future()
+        self._controls[tag] = future
+        self._send(wire.CONTROL, tag, calls.request(method, *args))
+        try:
+            body = await future
+        finally:
+            self._controls.pop(tag, None)
+        return calls.decode(method, body)
+
+    async def load(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        await self._control("load", name, dict(parameters or {}))
+
+    async def unload(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        await self._control("unload", name, dict(parameters or {}))
+
+    # -- trace extension ---------------------------------------------------------------------
+
+    @property
+    def tracing_on(self) -> bool:
+        return bool(self._state.get("tracing_on"))
+
+    def trace_grpc(self, metadata, stream: bool = False) -> Any:
+        carrier = {k: v for k, v in metadata or () if k in PROPAGATED and isinstance(v, str)}
+        return RemoteStreamTrace(self, carrier) if stream else RemoteTrace(wire.TRACE_GRPC, carrier)
+
+    def trace_http(self, headers: Mapping[str, str]) -> Any:
+        return RemoteTrace(wire.TRACE_HTTP, {k: headers[k] for k in PROPAGATED if k in headers})
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def _encode(self, request: InferRequest) -> bytes:
+        trace = request.trace
+        if trace is None:
+            body, _ = wire.encode_request(request, self._req_buf, self._req_alloc, wire.TRACE_NONE, None, 0, 0)
+        else:
+            body, _ = wire.encode_request(request, self._req_buf, self._req_alloc, trace.kind, trace.carrier,
+                                          trace.start_ns, trace.stream_id)
+        return body
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        self._admit()
+        tag = next(self._tags)
+        body = self._encode(request)
+        future = self._loop.create_future()
+        self._pending[tag] = future
+        self._data.send(wire.INFER, tag, body)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._pending.pop(tag, None) is not None:  # the caller went away: the engine drops it too
+                self._send(wire.CANCEL, tag)
+            raise
+
+    def stream(self, request: InferRequest) -> RemoteStream:
+        """Admission is synchronous, as in the DataPlane (a refusal raises here); the responses then
+        arrive over the data channel."""
+        self._admit()
+        tag = next(self._tags)
+        body = self._encode(request)
+        stream = RemoteStream(self, tag)
+        self._pending[tag] = stream
+        try:
+            reply = json.loads(self._calls.call(wire.INFER, tag, body))
+        except ServingError:
+            self._forget(tag, cancel=True)
+            raise
+        if "error" in reply:
+            self._pending.pop(tag, None)
+            raise wire.error_from(*reply["error"])
+        stream.decoupled = reply["decoupled"]
+        stream.empty_final = reply["empty_final"]
+        return stream
+
+    # -- what tests and the process main read ------------------------------------------------
+
+    def arena_usage(self) -> dict[str, int]:
+        return {"live": self._req_alloc.live, "used": self._req_alloc.used, "carved": self._req_alloc.carved}
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,353 @@
+"""The worker <-> engine wire format: frames, and the binary codec of requests and responses.
+
+A frame is a 13-byte header (body length u32, kind u8, tag u64) and a body. Inference requests and
+responses are encoded by hand (struct) - nothing is pickled; tensor bytes are not in the frame but
+in the sender's shared-memory arena, one block per message, described by (offset, size) per tensor.
+A tensor that does not fit in the arena travels inline at the end of the body instead. Control
+calls (load, unload, metadata, statistics, ...) carry JSON, off the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from server.core import dtypes
+from server.core.errors import ErrorCode, ServingError
+from server.core.types import InferRequest, InferResponse, RequestedOutput, Tensor
+
+from .arena import ALIGN, Allocator, align
+
+HEAD = struct.Struct("<IBQ")  # body length, kind, tag
+MAX_BODY = 1 << 31
+
+# worker -> engine
+INFER, CANCEL, RELEASE, CONTROL, PING, TRACE_END, HELLO, UP = 1, 2, 3, 4, 5, 6, 7, 8
+# engine -> worker (RELEASE too: each side frees blocks of its own arena)
+RESPONSE, ERROR, STATE, REPLY, PONG, STOP = 20, 21, 22, 23, 24, 25
+
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+_F64 = struct.Struct("<d")
+_REQ = struct.Struct("<dqqqIIBI")  # deadline, start_ns, block offset, block size, inputs, outputs, trace kind, params
+_RESP = struct.Struct("<BqqII")  # flags, block offset, block size, outputs, params
+_TENSOR = struct.Struct("<qq")  # offset in the block (or the inline tail), byte size
+FINAL, FAILED = 1, 2
+
+# trace kinds: how the engine rebuilds the caller's context (Tracing.from_grpc / from_http / a stream's)
+TRACE_NONE, TRACE_GRPC, TRACE_HTTP, TRACE_STREAM = 0, 1, 2, 3
+
+
+def frame(kind: int, tag: int, body: bytes = b"") -> bytes:
+    return HEAD.pack(len(body), kind, tag) + body
+
+
+class _Writer:
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def str(self, text: str) -> None:
+        raw = text.encode()
+        self.parts.append(_U32.pack(len(raw)))
+        self.parts.append(raw)
+
+    def shape(self, shape) -> None:
+        self.parts.append(struct.pack(f"<I{len(shape)}q", len(shape), *shape))
+
+    def params(self, params: dict) -> None:
+        for key, value in params.items():
+            self.str(key)
+            if isinstance(value, bool):
+                self.parts.append(b"b\x01" if value else b"b\x00")
+            elif isinstance(value, int):
+                if -(1 << 63) <= value < (1 << 63):
+                    self.parts.append(b"i" + _I64.pack(value))
+                else:  # a uint64 parameter past int64: its decimal text
+                    self.parts.append(b"I")
+                    self.str(str(value))
+            elif isinstance(value, float):
+                self.parts.append(b"f" + _F64.pack(value))
+            else:
+                self.parts.append(b"s")
+                self.str(str(value))
+
+
+class Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        values = st.unpack_from(self.data, self.pos)
+        self.pos += st.size
+        return values
+
+    def str(self) -> str:
+        (n,) = _U32.unpack_from(self.data, self.pos)
+        start = self.pos + 4
+        self.pos = start + n
+        if self.pos > len(self.data):
+            raise ValueError("string past the end of the frame")
+        return self.data[start:self.pos].decode()
+
+    def shape(self) -> list[int]:
+        (n,) = _U32.unpack_from(self.data, self.pos)
+        if n > 64:
+            raise ValueError(f"a tensor of rank {n}")
+        values = struct.unpack_from(f"<{n}q", self.data, self.pos + 4)
+        self.pos += 4 + 8 * n
+        return list(values)
+
+    def params(self, count: int) -> dict:
+        out: dict[str, Any] = {}
+        data = self.data
+        for _ in range(count):
+            key = self.str()
+            tag = data[self.pos:self.pos + 1]
+            self.pos += 1
+            if tag == b"b":
+                out[key] = data[self.pos] != 0
+                self.pos += 1
+            elif tag == b"i":
+                out[key] = _I64.unpack_from(data, self.pos)[0]
+                self.pos += 8
+            elif tag == b"f":
+                out[key] = _F64.unpack_from(data, self.pos)[0]
+                self.pos += 8
+            elif tag == b"I":
+                out[key] = int(self.str())
+            elif tag == b"s":
+                out[key] = self.str()
+            else:
+                raise ValueError(f"unknown parameter tag {tag!r}")
+        return out
+
+
+# ---------------------------------------------------------------- tensor payloads
+
+
+def _payload(tensor: Tensor) -> np.ndarray | bytes:
+    if tensor.datatype == "BYTES":
+        return dtypes.serialize_bytes(np.asarray(tensor.data, dtype=object))
+    target = dtypes.NUMPY_DTYPES.get(tensor.datatype)
+    data = np.asarray(tensor.data)
+    if target is not None and data.dtype != target:
+        data = data.astype(target)
+    return data
+
+
+def _nbytes(payload: np.ndarray | bytes) -> int:
+    return payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+
+
+def place(payloads: list, buf: memoryview, allocator: Allocator) -> tuple[int, int, list[int], list[bytes]]:
+    """Write ``payloads`` into one arena block (offset, size, offsets within it); when they do not
+    fit, lay them out for the inline tail instead (offset -1, tail parts)."""
+    rels, total = [], 0
+    for p in payloads:
+        rels.append(total)
+        total += align(_nbytes(p))
+    if not payloads or total == 0:
+        return -1, 0, rels, []
+    block = allocator.alloc(total)
+    if block < 0:
+        tail: list[bytes] = []
+        rels, pos = [], 0
+        for p in payloads:
+            raw = p if isinstance(p, bytes) else np.ascontiguousarray(p).tobytes()
+            rels.append(pos)
+            tail.append(raw)
+            pos += len(raw)
+        return -1, 0, rels, tail
+    for p, rel in zip(payloads, rels):
+        start = block + rel
+        if isinstance(p, bytes):
+            buf[start:start + len(p)] = p
+        elif p.nbytes:
+            np.copyto(np.ndarray(p.shape, p.dtype, buffer=buf, offset=start), p, casting="no")
+    return block, total, rels, []
+
+
+class Views:
+    """Reads one message's tensors in place: from the peer's arena block, or the frame's inline tail.
+    ``root`` is the one array every tensor view hangs from: when it is collected, the block is free."""
+
+    __slots__ = ("root", "block", "__weakref__")
+
+    def __init__(self, buf: memoryview, block: int, size: int, tail: bytes, tail_start: int) -> None:
+        self.block = block
+        if block >= 0:
+            if size <= 0 or block + size > len(buf):
+                raise ValueError(f"block [{block}, {block + size}) is outside the arena")
+            self.root = np.frombuffer(buf, dtype=np.uint8, count=size, offset=block)
+        elif tail_start < len(tail):
+            self.root = np.frombuffer(tail, dtype=np.uint8, offset=tail_start)
+        else:
+            self.root = np.empty(0, dtype=np.uint8)
+
+    def array(self, name: str, datatype: str, shape: list[int], rel: int, nbytes: int) -> np.ndarray:
+        if rel < 0 or nbytes < 0 or rel + nbytes > len(self.root):
+            raise ValueError(f"tensor '{name}' [{rel}, {rel + nbytes}) is outside its message")
+        raw = self.root[rel:rel + nbytes]
+        if datatype == "BYTES":
+            return dtypes.deserialize_bytes(name, raw.data, dtypes.num_elements(shape)).reshape(shape)
+        dtype = dtypes.NUMPY_DTYPES.get(datatype)
+        if dtype is None:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, f"input '{name}' has unknown datatype '{datatype}'")
+        if nbytes != dtypes.num_elements(shape) * dtype.itemsize:
+            raise ValueError(f"tensor '{name}': {nbytes} bytes for shape {shape} of {datatype}")
+        return raw.view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- requests (worker -> engine)
+
+
+def encode_request(request: InferRequest, buf: memoryview, allocator: Allocator, trace_kind: int,
+                   carrier: dict[str, str] | None, start_ns: int, stream_id: int) -> tuple[bytes, int]:
+    """The INFER body and the arena block it uses (-1: none)."""
+    payloads = [_payload(t) for t in request.inputs]
+    block, size, rels, tail = place(payloads, buf, allocator)
+    w = _Writer()
+    deadline = math.nan if request.deadline is None else request.deadline
+    w.parts.append(_REQ.pack(deadline, start_ns, block, size, len(request.inputs), len(request.outputs),
+                             trace_kind, len(request.parameters)))
+    w.str(request.model_name)
+    w.str(request.model_version)
+    w.str(request.id)
+    w.params(request.parameters)
+    if trace_kind:
+        w.parts.append(_U32.pack(len(carrier or {})))
+        for key, value in (carrier or {}).items():
+            w.str(key)
+            w.str(value)
+        w.parts.append(_U32.pack(stream_id))
+    for tensor, payload, rel in zip(request.inputs, payloads, rels):
+        w.str(tensor.name)
+        w.str(tensor.datatype)
+        w.shape(tensor.shape)
+        w.shape(payload.shape if isinstance(payload, np.ndarray) else tensor.data.shape)
+        w.parts.append(_TENSOR.pack(rel, _nbytes(payload)))
+        w.parts.append(_U32.pack(len(tensor.parameters)))
+        w.params(tensor.parameters)
+    for out in request.outputs:
+        w.str(out.name)
+        w.parts.append(_U32.pack(len(out.parameters)))
+        w.params(out.parameters)
+    w.parts.extend(tail)
+    return b"".join(w.parts), block
+
+
+class DecodedRequest:
+    __slots__ = ("request", "views", "trace_kind", "carrier", "start_ns", "stream_id")
+
+
+def decode_request(body: bytes, buf: memoryview) -> DecodedRequest:
+    r = Reader(body)
+    deadline, start_ns, block, size, n_in, n_out, trace_kind, n_params = r.unpack(_REQ)
+    out = DecodedRequest()
+    req = InferRequest(r.str(), r.str(), r.str())
+    req.parameters = r.params(n_params)
+    req.deadline = None if math.isnan(deadline) else deadline
+    out.trace_kind, out.carrier, out.start_ns, out.stream_id = trace_kind, None, start_ns, 0
+    if trace_kind:
+        (n,) = r.unpack(_U32)
+        out.carrier = {r.str(): r.str() for _ in range(n)}
+        (out.stream_id,) = r.unpack(_U32)
+    specs = []
+    for _ in range(n_in):
+        name, datatype, shape, data_shape = r.str(), r.str(), r.shape(), r.shape()
+        rel, nbytes = r.unpack(_TENSOR)
+        (np_,) = r.unpack(_U32)
+        specs.append((name, datatype, shape, data_shape, rel, nbytes, r.params(np_)))
+    for _ in range(n_out):
+        name = r.str()
+        (np_,) = r.unpack(_U32)
+        req.outputs.append(RequestedOutput(name, r.params(np_)))
+    views = Views(buf, block, size, body, r.pos)
+    req.inputs = [Tensor(name, dt, shape, views.array(name, dt, data_shape, rel, nbytes), params)
+                  for name, dt, shape, data_shape, rel, nbytes, params in specs]
+    out.request, out.views = req, views
+    return out
+
+
+# ---------------------------------------------------------------- responses (engine -> worker)
+
+
+def encode_response(response: InferResponse, buf: memoryview, allocator: Allocator) -> tuple[bytes, int]:
+    payloads = [_payload(t) for t in response.outputs]
+    block, size, rels, tail = place(payloads, buf, allocator)
+    error = response.error
+    flags = (FINAL if response.final else 0) | (FAILED if error is not None else 0)
+    w = _Writer()
+    w.parts.append(_RESP.pack(flags, block, size, len(response.outputs), len(response.parameters)))
+    w.str(response.model_name)
+    w.str(response.model_version)
+    w.str(response.id)
+    w.params(response.parameters)
+    if error is not None:
+        w.str(getattr(getattr(error, "code", None), "name", "INTERNAL"))
+        w.str(getattr(error, "message", str(error)))
+    for tensor, payload, rel in zip(response.outputs, payloads, rels):
+        w.str(tensor.name)
+        w.str(tensor.datatype)
+        w.shape(tensor.shape)
+        w.shape(payload.shape if isinstance(payload, np.ndarray) else np.shape(tensor.data))
+        w.parts.append(_TENSOR.pack(rel, _nbytes(payload)))
+    w.parts.extend(tail)
+    return b"".join(w.parts), block
+
+
+def decode_response(body: bytes, buf: memoryview) -> tuple[InferResponse, Views | None]:
+    r = Reader(body)
+    flags, block, size, n_out, n_params = r.unpack(_RESP)
+    response = InferResponse(r.str(), r.str(), r.str(), [], {}, bool(flags & FINAL))
+    response.parameters = r.params(n_params)
+    if flags & FAILED:
+        response.error = error_from(r.str(), r.str())
+    specs = [(r.str(), r.str(), r.shape(), r.shape(), *r.unpack(_TENSOR)) for _ in range(n_out)]
+    views = Views(buf, block, size, body, r.pos) if (specs or block >= 0) else None
+    for name, datatype, shape, data_shape, rel, nbytes in specs:
+        response.outputs.append(Tensor(name, datatype, shape, views.array(name, datatype, data_shape, rel, nbytes)))
+    return response, views
+
+
+def error_body(error: BaseException) -> bytes:
+    w = _Writer()
+    if isinstance(error, ServingError):
+        w.str(error.code.name)
+        w.str(error.message)
+    else:
+        w.str("INTERNAL")
+        w.str(f"internal error: {type(error).__name__}: {error}")
+    return b"".join(w.parts)
+
+
+def error_from(code: str, message: str) -> ServingError:
+    try:
+        return ServingError(ErrorCode[code], message)
+    except KeyError:
+        return ServingError(ErrorCode.INTERNAL, message)
+
+
+def decode_error(body: bytes) -> ServingError:
+    r = Reader(body)
+    return error_from(r.str(), r.str())
+
+
+def offsets(body: bytes) -> list[int]:
+    """A RELEASE body: the freed block offsets."""
+    return list(struct.unpack(f"<{len(body) // 8}q", body))
+
+
+def release_body(blocks: list[int]) -> bytes:
+    return struct.pack(f"<{len(blocks)}q", *blocks)
+
+
+__all__ = ["ALIGN", "HEAD", "frame"]
