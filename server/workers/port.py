@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import weakref
 from typing import Any
 
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 class WorkerPort:
     def __init__(self, hub: Any, slot: int, generation: int, size: int) -> None:
         self.hub, self.slot, self.generation = hub, slot, generation
-        self.request_shm = arena.create(size)
-        self.response_shm = arena.create(size)
+        prefix = f"inferd-w{os.getpid()}-{slot}"  # /dev/shm names say which engine and worker slot
+        self.request_shm = arena.create(size, prefix)
+        self.response_shm = arena.create(size, prefix)
         self.request_buf = self.request_shm.buf
         self.response_buf = self.response_shm.buf
         self.response_alloc = arena.Allocator(size)
