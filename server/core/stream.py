@@ -124,8 +124,14 @@ class _Sink:
     def _hooks(self, item: Item) -> None:
         if self.on_response is not None and (item[0] is not None or item[3] is not None or item[1]):
             self.on_response(self._responses - 1, item)
-        if item[2] and self.on_final is not None:
-            self.on_final(item[3])
+        if item[2]:
+            if self.on_final is not None:
+                self.on_final(item[3])
+            # the request is over: nothing left to cancel. Dropping the hooks breaks the cycle
+            # sink -> scheduler callback -> queued item -> sink, so the request's tensors are freed
+            # now rather than at a later garbage collection (frontend workers reuse that memory)
+            self._callbacks = None
+            self.on_final = self.on_response = None
 
 
 class UnaryResponse(_Sink):

@@ -233,6 +233,10 @@ class WorkerPort:
                 channel.close()
         if lost:
             log.warning("frontend worker %d: cancelled its %d requests in flight", self.slot, lost)
+        alloc = self.response_alloc
+        log.info("frontend worker %d: %d requests served; response arena: %d blocks live, %d KiB carved; "
+                 "%d request blocks still read here", self.slot, self.served, alloc.live, alloc.carved >> 10,
+                 len(self._held))
         for shm in (self.request_shm, self.response_shm):
             try:
                 shm.unlink()  # the name goes now; the memory when the last view of it is gone

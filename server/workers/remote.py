@@ -171,6 +171,8 @@ class RemoteDataPlane:
         self._heartbeat = self._loop.create_task(self._beat())
 
     async def close(self) -> None:
+        log.info("request arena: %d blocks live, %d KiB carved; %d response blocks still read here",
+                 self._req_alloc.live, self._req_alloc.carved >> 10, len(self._views))
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         if self._data is not None:
