@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -205,7 +206,10 @@ class WorkerPort:
         self._released.append(block)
         if not self._release_scheduled:
             self._release_scheduled = True
-            self.hub.loop.call_soon_threadsafe(self._flush_released)
+            if threading.get_ident() == self.hub.loop_thread:  # the usual case: no self-pipe wake-up
+                self.hub.loop.call_soon(self._flush_released)
+            else:
+                self.hub.loop.call_soon_threadsafe(self._flush_released)
 
     def _flush_released(self) -> None:
         self._release_scheduled = False

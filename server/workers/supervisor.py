@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -56,6 +57,7 @@ class Supervisor:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
         self._dir = tempfile.mkdtemp(prefix="inferd-engine-")  # 0700: only this user reaches the socket
         self.path = os.path.join(self._dir, "engine.sock")
         self._server = await self.loop.create_unix_server(lambda: EngineChannel(self), self.path)

@@ -32,9 +32,6 @@ RESPONSE, ERROR, STATE, REPLY, PONG, STOP = 20, 21, 22, 23, 24, 25
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
-_REQ = struct.Struct("<dqqqIIBI")  # deadline, start_ns, block offset, block size, inputs, outputs, trace kind, params
-_RESP = struct.Struct("<BqqII")  # flags, block offset, block size, outputs, params
-_TENSOR = struct.Struct("<qq")  # offset in the block (or the inline tail), byte size
 FINAL, FAILED = 1, 2
 
 # trace kinds: how the engine rebuilds the caller's context (Tracing.from_grpc / from_http / a stream's)
@@ -171,7 +168,9 @@ def place(payloads: list, buf: memoryview, allocator: Allocator) -> tuple[int, i
         if isinstance(p, bytes):
             buf[start:start + len(p)] = p
         elif p.nbytes:
-            np.copyto(np.ndarray(p.shape, p.dtype, buffer=buf, offset=start), p, casting="no")
+            if not p.flags.c_contiguous:
+                p = np.ascontiguousarray(p)
+            buf[start:start + p.nbytes] = memoryview(p).cast("B")  # the one copy of these bytes
     return block, total, rels, []
 
 
@@ -195,18 +194,92 @@ class Views:
     def array(self, name: str, datatype: str, shape: list[int], rel: int, nbytes: int) -> np.ndarray:
         if rel < 0 or nbytes < 0 or rel + nbytes > len(self.root):
             raise ValueError(f"tensor '{name}' [{rel}, {rel + nbytes}) is outside its message")
-        raw = self.root[rel:rel + nbytes]
         if datatype == "BYTES":
+            raw = self.root[rel:rel + nbytes]
             return dtypes.deserialize_bytes(name, raw.data, dtypes.num_elements(shape)).reshape(shape)
         dtype = dtypes.NUMPY_DTYPES.get(datatype)
         if dtype is None:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, f"input '{name}' has unknown datatype '{datatype}'")
         if nbytes != dtypes.num_elements(shape) * dtype.itemsize:
             raise ValueError(f"tensor '{name}': {nbytes} bytes for shape {shape} of {datatype}")
-        return raw.view(dtype).reshape(shape)
+        return np.ndarray(shape, dtype, buffer=self.root, offset=rel)  # a view: its base is the root
+
+
+# ---------------------------------------------------------------- descriptors
+
+_TENSOR_DESC = struct.Struct("<IIIIqqI")  # name len, datatype len, rank, data rank (SAME), offset, bytes, params
+SAME = 0xFFFFFFFF  # the data has the declared shape (the usual case): it is not repeated
+_DIMS = [struct.Struct(f"<{n}q") for n in range(9)]
+_ENCODED: dict[str, bytes] = {}
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8, cached for the few texts that repeat on every request (model, tensor and type names)."""
+    raw = _ENCODED.get(text)
+    if raw is None:
+        raw = text.encode()
+        if len(_ENCODED) < 4096 and len(raw) <= 256:
+            _ENCODED[text] = raw
+    return raw
+
+
+def _dims(shape) -> bytes:
+    n = len(shape)
+    return (_DIMS[n] if n < len(_DIMS) else struct.Struct(f"<{n}q")).pack(*shape)
+
+
+def _tensor(w: _Writer, name: str, datatype: str, shape, data_shape, rel: int, nbytes: int, params: dict) -> None:
+    raw_name, raw_type = _utf8(name), _utf8(datatype)
+    same = tuple(shape) == tuple(data_shape)
+    w.parts.append(_TENSOR_DESC.pack(len(raw_name), len(raw_type), len(shape), SAME if same else len(data_shape),
+                                     rel, nbytes, len(params)))
+    w.parts.append(raw_name)
+    w.parts.append(raw_type)
+    w.parts.append(_dims(shape))
+    if not same:
+        w.parts.append(_dims(data_shape))
+    if params:
+        w.params(params)
+
+
+def _read_tensor(r: Reader) -> tuple:
+    data = r.data
+    len_name, len_type, rank, data_rank, rel, nbytes, n_params = _TENSOR_DESC.unpack_from(data, r.pos)
+    pos = r.pos + _TENSOR_DESC.size
+    if rank > 64 or (data_rank != SAME and data_rank > 64):
+        raise ValueError("a tensor of rank above 64")
+    name = data[pos:pos + len_name].decode()
+    pos += len_name
+    datatype = data[pos:pos + len_type].decode()
+    pos += len_type
+    shape = list(struct.unpack_from(f"<{rank}q", data, pos))
+    pos += 8 * rank
+    if data_rank == SAME:
+        data_shape = shape
+    else:
+        data_shape = list(struct.unpack_from(f"<{data_rank}q", data, pos))
+        pos += 8 * data_rank
+    if pos > len(data):
+        raise ValueError("tensor descriptor past the end of the frame")
+    r.pos = pos
+    return name, datatype, shape, data_shape, rel, nbytes, (r.params(n_params) if n_params else {})
+
+
+def _texts(r: Reader, *lengths: int) -> list[str]:
+    data, pos, out = r.data, r.pos, []
+    for n in lengths:
+        out.append(data[pos:pos + n].decode())
+        pos += n
+    if pos > len(data):
+        raise ValueError("text past the end of the frame")
+    r.pos = pos
+    return out
 
 
 # ---------------------------------------------------------------- requests (worker -> engine)
+
+# deadline, start_ns, block offset, block size, inputs, outputs, trace kind, params, model/version/id lengths
+_REQUEST = struct.Struct("<dqqqIIBIIII")
 
 
 def encode_request(request: InferRequest, buf: memoryview, allocator: Allocator, trace_kind: int,
@@ -214,14 +287,16 @@ def encode_request(request: InferRequest, buf: memoryview, allocator: Allocator,
     """The INFER body and the arena block it uses (-1: none)."""
     payloads = [_payload(t) for t in request.inputs]
     block, size, rels, tail = place(payloads, buf, allocator)
-    w = _Writer()
     deadline = math.nan if request.deadline is None else request.deadline
-    w.parts.append(_REQ.pack(deadline, start_ns, block, size, len(request.inputs), len(request.outputs),
-                             trace_kind, len(request.parameters)))
-    w.str(request.model_name)
-    w.str(request.model_version)
-    w.str(request.id)
-    w.params(request.parameters)
+    model, version, rid = _utf8(request.model_name), _utf8(request.model_version), request.id.encode()
+    w = _Writer()
+    w.parts.append(_REQUEST.pack(deadline, start_ns, block, size, len(request.inputs), len(request.outputs),
+                                 trace_kind, len(request.parameters), len(model), len(version), len(rid)))
+    w.parts.append(model)
+    w.parts.append(version)
+    w.parts.append(rid)
+    if request.parameters:
+        w.params(request.parameters)
     if trace_kind:
         w.parts.append(_U32.pack(len(carrier or {})))
         for key, value in (carrier or {}).items():
@@ -229,13 +304,8 @@ def encode_request(request: InferRequest, buf: memoryview, allocator: Allocator,
             w.str(value)
         w.parts.append(_U32.pack(stream_id))
     for tensor, payload, rel in zip(request.inputs, payloads, rels):
-        w.str(tensor.name)
-        w.str(tensor.datatype)
-        w.shape(tensor.shape)
-        w.shape(payload.shape if isinstance(payload, np.ndarray) else tensor.data.shape)
-        w.parts.append(_TENSOR.pack(rel, _nbytes(payload)))
-        w.parts.append(_U32.pack(len(tensor.parameters)))
-        w.params(tensor.parameters)
+        data_shape = payload.shape if isinstance(payload, np.ndarray) else np.shape(tensor.data)
+        _tensor(w, tensor.name, tensor.datatype, tensor.shape, data_shape, rel, _nbytes(payload), tensor.parameters)
     for out in request.outputs:
         w.str(out.name)
         w.parts.append(_U32.pack(len(out.parameters)))
@@ -250,26 +320,23 @@ class DecodedRequest:
 
 def decode_request(body: bytes, buf: memoryview) -> DecodedRequest:
     r = Reader(body)
-    deadline, start_ns, block, size, n_in, n_out, trace_kind, n_params = r.unpack(_REQ)
+    (deadline, start_ns, block, size, n_in, n_out, trace_kind, n_params, len_model, len_version,
+     len_id) = r.unpack(_REQUEST)
     out = DecodedRequest()
-    req = InferRequest(r.str(), r.str(), r.str())
-    req.parameters = r.params(n_params)
+    req = InferRequest(*_texts(r, len_model, len_version, len_id))
+    if n_params:
+        req.parameters = r.params(n_params)
     req.deadline = None if math.isnan(deadline) else deadline
     out.trace_kind, out.carrier, out.start_ns, out.stream_id = trace_kind, None, start_ns, 0
     if trace_kind:
         (n,) = r.unpack(_U32)
         out.carrier = {r.str(): r.str() for _ in range(n)}
         (out.stream_id,) = r.unpack(_U32)
-    specs = []
-    for _ in range(n_in):
-        name, datatype, shape, data_shape = r.str(), r.str(), r.shape(), r.shape()
-        rel, nbytes = r.unpack(_TENSOR)
-        (np_,) = r.unpack(_U32)
-        specs.append((name, datatype, shape, data_shape, rel, nbytes, r.params(np_)))
+    specs = [_read_tensor(r) for _ in range(n_in)]
     for _ in range(n_out):
         name = r.str()
-        (np_,) = r.unpack(_U32)
-        req.outputs.append(RequestedOutput(name, r.params(np_)))
+        (count,) = r.unpack(_U32)
+        req.outputs.append(RequestedOutput(name, r.params(count)))
     views = Views(buf, block, size, body, r.pos)
     req.inputs = [Tensor(name, dt, shape, views.array(name, dt, data_shape, rel, nbytes), params)
                   for name, dt, shape, data_shape, rel, nbytes, params in specs]
@@ -279,41 +346,44 @@ def decode_request(body: bytes, buf: memoryview) -> DecodedRequest:
 
 # ---------------------------------------------------------------- responses (engine -> worker)
 
+_RESPONSE = struct.Struct("<BqqIIIII")  # flags, block offset, block size, outputs, params, model/version/id lengths
+
 
 def encode_response(response: InferResponse, buf: memoryview, allocator: Allocator) -> tuple[bytes, int]:
     payloads = [_payload(t) for t in response.outputs]
     block, size, rels, tail = place(payloads, buf, allocator)
     error = response.error
     flags = (FINAL if response.final else 0) | (FAILED if error is not None else 0)
+    model, version, rid = _utf8(response.model_name), _utf8(response.model_version), response.id.encode()
     w = _Writer()
-    w.parts.append(_RESP.pack(flags, block, size, len(response.outputs), len(response.parameters)))
-    w.str(response.model_name)
-    w.str(response.model_version)
-    w.str(response.id)
-    w.params(response.parameters)
+    w.parts.append(_RESPONSE.pack(flags, block, size, len(response.outputs), len(response.parameters),
+                                  len(model), len(version), len(rid)))
+    w.parts.append(model)
+    w.parts.append(version)
+    w.parts.append(rid)
+    if response.parameters:
+        w.params(response.parameters)
     if error is not None:
         w.str(getattr(getattr(error, "code", None), "name", "INTERNAL"))
         w.str(getattr(error, "message", str(error)))
     for tensor, payload, rel in zip(response.outputs, payloads, rels):
-        w.str(tensor.name)
-        w.str(tensor.datatype)
-        w.shape(tensor.shape)
-        w.shape(payload.shape if isinstance(payload, np.ndarray) else np.shape(tensor.data))
-        w.parts.append(_TENSOR.pack(rel, _nbytes(payload)))
+        data_shape = payload.shape if isinstance(payload, np.ndarray) else np.shape(tensor.data)
+        _tensor(w, tensor.name, tensor.datatype, tensor.shape, data_shape, rel, _nbytes(payload), {})
     w.parts.extend(tail)
     return b"".join(w.parts), block
 
 
 def decode_response(body: bytes, buf: memoryview) -> tuple[InferResponse, Views | None]:
     r = Reader(body)
-    flags, block, size, n_out, n_params = r.unpack(_RESP)
-    response = InferResponse(r.str(), r.str(), r.str(), [], {}, bool(flags & FINAL))
-    response.parameters = r.params(n_params)
+    flags, block, size, n_out, n_params, len_model, len_version, len_id = r.unpack(_RESPONSE)
+    response = InferResponse(*_texts(r, len_model, len_version, len_id), [], {}, bool(flags & FINAL))
+    if n_params:
+        response.parameters = r.params(n_params)
     if flags & FAILED:
         response.error = error_from(r.str(), r.str())
-    specs = [(r.str(), r.str(), r.shape(), r.shape(), *r.unpack(_TENSOR)) for _ in range(n_out)]
+    specs = [_read_tensor(r) for _ in range(n_out)]
     views = Views(buf, block, size, body, r.pos) if (specs or block >= 0) else None
-    for name, datatype, shape, data_shape, rel, nbytes in specs:
+    for name, datatype, shape, data_shape, rel, nbytes, _ in specs:
         response.outputs.append(Tensor(name, datatype, shape, views.array(name, datatype, data_shape, rel, nbytes)))
     return response, views
 

@@ -1,0 +1,137 @@
+"""Frontend workers on this machine: throughput, p99 and the engine's CPU per request, 0/1/2 workers.
+
+    .venv/bin/python scripts/bench_workers.py                    # add_sub c=16 and mlp c=64
+    .venv/bin/python scripts/bench_workers.py --seconds 8 --workers 0 1 2 4
+
+Every point starts a fresh inferd on the benchmark repository (scripts/build_models.py) with
+``--frontend-workers N`` and drives it with the closed-loop gRPC client (scripts/loadgen.py).
+The engine's CPU per request is the CPU time (user + system, all threads) of the engine process
+alone over the run, divided by the requests it completed (ModelStatistics): with workers it is
+what bounds the whole server once the frontends scale out; with 0 workers the one process is
+both frontend and engine. The targets of issue 15 are printed with the measured values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+import bench  # noqa: E402
+import loadgen  # noqa: E402
+
+from server.protos import grpc_service_pb2 as pb  # noqa: E402
+from server.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (all its threads, not its children)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def worker_pids(engine: int) -> list[int]:
+    """The frontend worker processes: the engine's children started by multiprocessing's spawn."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            if int(stat[1]) == engine and b"spawn_main" in open(f"/proc/{entry}/cmdline", "rb").read():
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def served(url: str, model: str) -> int:
+    with grpc.insecure_channel(url) as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10)
+        return stats.model_stats[0].inference_stats.success.count
+
+
+def start(workers: int) -> bench.Server:
+    port = bench.free_port()
+    args = [sys.executable, "-m", "server.cli", "--model-repository", str(bench.BENCH_REPO), "--host", "127.0.0.1",
+            "--grpc-port", str(port), "--http-port", str(bench.free_port()), "--metrics-port",
+            str(bench.free_port()), "--allow-http", "false", "--allow-metrics", "false",
+            "--frontend-workers", str(workers)]
+    return bench.Server(f"inferd-w{workers}", args, port)
+
+
+def point(model: str, concurrency: int, workers: int, seconds: float, warmup: float, processes: int) -> dict:
+    server = start(workers)
+    try:
+        bench.wait_ready(server.url, model)
+        feed, types = bench.inputs_for(model)
+        payload = loadgen.make_request(model, feed, types)
+        workers_now = worker_pids(server.proc.pid)
+        count0, cpu0 = served(server.url, model), cpu_seconds(server.proc.pid)
+        wcpu0 = sum(cpu_seconds(p) for p in workers_now)
+        result = loadgen.run(server.url, payload, concurrency, seconds, warmup=warmup, processes=processes)
+        cpu1, count1 = cpu_seconds(server.proc.pid), served(server.url, model)
+        wcpu1 = sum(cpu_seconds(p) for p in workers_now)
+    finally:
+        server.stop()
+    done = max(1, count1 - count0)
+    return {"model": model, "c": concurrency, "workers": workers, "rps": result.throughput,
+            "p50": result.pct(50), "p99": result.pct(99), "errors": result.errors,
+            "engine_us": (cpu1 - cpu0) / done * 1e6, "workers_us": (wcpu1 - wcpu0) / done * 1e6,
+            "first_error": result.first_error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.5)
+    parser.add_argument("--processes", type=int, default=1, help="client processes sharing the concurrency")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scenario", action="append", metavar="MODEL:CONCURRENCY",
+                        help="default: add_sub:16 and mlp:64")
+    args = parser.parse_args()
+    bench.build_repository()
+    scenarios = [(s.split(":")[0], int(s.split(":")[1])) for s in (args.scenario or ["add_sub:16", "mlp:64"])]
+    print(f"# frontend workers on {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+          f"{args.seconds:g}s per point, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| model | c | workers | req/s | ratio to 0 | p50 ms | p99 ms | engine CPU us/req | workers CPU us/req |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows: dict[tuple[str, int], dict] = {}
+    for model, concurrency in scenarios:
+        for workers in args.workers:
+            r = point(model, concurrency, workers, args.seconds, args.warmup, args.processes)
+            rows[(model, workers)] = r
+            base = rows.get((model, 0))
+            ratio = f"{r['rps'] / base['rps']:.2f}" if base else ""
+            errors = f" ({r['errors']} errors: {r['first_error']})" if r["errors"] else ""
+            print(f"| {model} | {concurrency} | {workers} | {r['rps']:,.0f} | {ratio} | {r['p50']:.2f} | "
+                  f"{r['p99']:.2f} | {r['engine_us']:.0f} | {r['workers_us']:.0f} |{errors}", flush=True)
+    print()
+    for model, _ in scenarios:
+        w0, w1, w2 = rows.get((model, 0)), rows.get((model, 1)), rows.get((model, 2))
+        if w0 and w1:
+            ratio = w1["rps"] / w0["rps"]
+            print(f"target {model}: 1 worker >= 0.9x single process: {ratio:.2f}x -> "
+                  f"{'met' if ratio >= 0.9 else 'NOT met'}")
+        if w1 and w2:
+            ratio = w2["rps"] / w1["rps"]
+            print(f"target {model}: 2 workers not slower than 1: {ratio:.2f}x -> {'met' if ratio >= 1.0 else 'NOT met'}")
+    if ("add_sub", 1) in rows or ("add_sub", 2) in rows:
+        engine = min(rows[("add_sub", w)]["engine_us"] for w in args.workers if w and ("add_sub", w) in rows)
+        print(f"target add_sub c=16: engine CPU per request <= 50 us: {engine:.0f} us -> "
+              f"{'met' if engine <= 50 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
