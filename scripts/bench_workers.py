@@ -64,9 +64,9 @@ def served(url: str, model: str) -> int:
 
 def start(workers: int) -> bench.Server:
     port = bench.free_port()
-    args = [sys.executable, "-m", "server.cli", "--model-repository", str(bench.BENCH_REPO), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--http-port", str(bench.free_port()), "--metrics-port",
-            str(bench.free_port()), "--allow-http", "false", "--allow-metrics", "false",
+    args = [sys.executable, "-m", "server.cli", "--model-repository", str(bench.BENCH_REPO),
+            "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(bench.free_port()),
+            "--metrics-port", str(bench.free_port()), "--allow-http", "false", "--allow-metrics", "false",
             "--frontend-workers", str(workers)]
     return bench.Server(f"inferd-w{workers}", args, port)
 
@@ -93,7 +93,8 @@ def point(model: str, concurrency: int, workers: int, seconds: float, warmup: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--processes", type=int, default=1, help="client processes sharing the concurrency")
@@ -105,7 +106,8 @@ def main() -> None:
     scenarios = [(s.split(":")[0], int(s.split(":")[1])) for s in (args.scenario or ["add_sub:16", "mlp:64"])]
     print(f"# frontend workers on {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
           f"{args.seconds:g}s per point, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model | c | workers | req/s | ratio to 0 | p50 ms | p99 ms | engine CPU us/req | workers CPU us/req |")
+    print("| model | c | workers | req/s | ratio to 0 | p50 ms | p99 ms | engine CPU us/req "
+          "| workers CPU us/req |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows: dict[tuple[str, int], dict] = {}
     for model, concurrency in scenarios:
@@ -126,7 +128,8 @@ def main() -> None:
                   f"{'met' if ratio >= 0.9 else 'NOT met'}")
         if w1 and w2:
             ratio = w2["rps"] / w1["rps"]
-            print(f"target {model}: 2 workers not slower than 1: {ratio:.2f}x -> {'met' if ratio >= 1.0 else 'NOT met'}")
+            verdict = "met" if ratio >= 1.0 else "NOT met"
+            print(f"target {model}: 2 workers not slower than 1: {ratio:.2f}x -> {verdict}")
     with_workers = [r for (m, w), r in rows.items() if m == "add_sub" and w]
     if with_workers:
         best = min(with_workers, key=lambda r: r["engine_us"])

@@ -68,7 +68,7 @@ class App:
         if s.allow_grpc and not s.frontend_workers:
             self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes)
             await self.grpc.start()
-        if s.allow_http and not s.frontend_workers:  # same loop, same data plane; answers probes (not ready) while models load
+        if s.allow_http and not s.frontend_workers:  # same loop, same data plane; answers probes while loading
             self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.grpc_max_message_bytes)
             await self.http.start()
         await self._initial_load()

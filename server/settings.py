@@ -155,9 +155,12 @@ def from_args(argv: list[str] | None = None) -> Settings:
     settings.frontend_worker_shm_mb = args.frontend_worker_shm_mb
     settings.frontend_worker_engine_timeout_secs = args.frontend_worker_engine_timeout_secs
     settings.frontend_worker_max_inflight = args.frontend_worker_max_inflight
-    if settings.frontend_workers and (settings.frontend_worker_shm_mb < 1 or 0 in (
-            settings.grpc_port if settings.allow_grpc else 1, settings.http_port if settings.allow_http else 1)):
-        p.error("--frontend-workers needs fixed --grpc-port/--http-port (not 0) and --frontend-worker-shm-mb >= 1")
+    if settings.frontend_workers:  # the workers all bind the same ports: a port 0 would give each its own
+        ports = [port for port, on in ((settings.grpc_port, settings.allow_grpc),
+                                       (settings.http_port, settings.allow_http)) if on]
+        if 0 in ports or settings.frontend_worker_shm_mb < 1:
+            p.error("--frontend-workers needs fixed --grpc-port/--http-port (not 0) and "
+                    "--frontend-worker-shm-mb >= 1")
     try:  # a bad item stops the start with its name, not a traceback later
         trace_config.parse(settings.trace_config)
     except ValueError as exc:

@@ -37,7 +37,8 @@ def triton_server(tmp_path_factory):
     explicit control mode so that load and unload can be driven too."""
     repo = tmp_path_factory.mktemp("triton") / "repo"
     shutil.copytree(MODELS, repo)
-    proc = ServerProcess([repo], "--frontend-workers", "2", "--model-control-mode", "explicit", "--load-model", "*")
+    proc = ServerProcess([repo], "--frontend-workers", "2", "--model-control-mode", "explicit",
+                         "--load-model", "*")
     proc.start(tmp_path_factory.mktemp("logs") / "inferd.log", timeout=120)
     yield proc
     assert proc.stop() == 0
@@ -86,11 +87,12 @@ def test_two_workers_run(triton_server):
 
 def test_generate_stream_through_a_worker(triton_server):
     body = json.dumps({"IN": [7, 8, 9], "DELAY_MS": 0}).encode()
-    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/repeat/generate_stream", body,
-                                     {"Content-Type": "application/json"})
+    url = f"http://{triton_server.http_url}/v2/models/repeat/generate_stream"
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as reply:
         assert reply.headers["Content-Type"].startswith("text/event-stream")
-        events = [json.loads(line[5:]) for line in reply.read().decode().splitlines() if line.startswith("data:")]
+        lines = reply.read().decode().splitlines()
+    events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
     assert [e["OUT"] for e in events] == [7, 8, 9]
     assert [e["IDX"] for e in events] == [0, 1, 2]
 
@@ -118,7 +120,8 @@ def test_statistics_and_metrics_are_global(triton_server):
         with channel:
             seen.add(count(stub) - before)
     assert seen == {sent}
-    with urllib.request.urlopen(f"http://{triton_server.http_url}/v2/models/add_sub/stats", timeout=10) as reply:
+    stats_url = f"http://{triton_server.http_url}/v2/models/add_sub/stats"
+    with urllib.request.urlopen(stats_url, timeout=10) as reply:
         doc = json.loads(reply.read())
     assert doc["model_stats"][0]["inference_stats"]["success"]["count"] - before == sent
     assert _metric(triton_server, 'nv_inference_request_success{model="add_sub"') - metric_before == sent
@@ -139,9 +142,11 @@ def test_load_and_unload_in_explicit_mode_seen_by_every_worker(triton_server):
         index = {m.name: m.state for m in c.get_model_repository_index().models}
         assert index["add_sub"] == "UNAVAILABLE"
         # a load with a configuration override: the JSON parameter crosses the worker channel
-        config = json.dumps({"backend": "python", "max_batch_size": 8,
-                             "input": [{"name": n, "data_type": "TYPE_FP32", "dims": [4]} for n in ("INPUT0", "INPUT1")],
-                             "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [4]} for n in ("OUTPUT0", "OUTPUT1")]})
+        def tensors(*names: str) -> list[dict]:
+            return [{"name": n, "data_type": "TYPE_FP32", "dims": [4]} for n in names]
+
+        config = json.dumps({"backend": "python", "max_batch_size": 8, "input": tensors("INPUT0", "INPUT1"),
+                             "output": tensors("OUTPUT0", "OUTPUT1")})
         c.load_model("add_sub", config=config)
         assert ready_everywhere() == {True}
         assert c.get_model_config("add_sub").config.max_batch_size == 8

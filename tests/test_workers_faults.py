@@ -86,7 +86,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- one worker: held requests, full, engine down
+# ---------------------------------------------------------------- one worker: held calls, full, engine down
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,8 @@ def test_killed_worker_loses_its_requests_and_comes_back(one_worker):
         assert time.monotonic() - start < 2.5  # the transport error comes now, not when the model ends
     _wait(lambda: "frontend worker 0: cancelled its 3 requests in flight" in one_worker.log(), 10,
           "the engine cancels the dead worker's requests")
-    _wait(lambda: len(_worker_pids(one_worker)) == 1 and _worker_pids(one_worker) != [pid], 30, "a new worker")
+    _wait(lambda: len(_worker_pids(one_worker)) == 1 and _worker_pids(one_worker) != [pid], 30,
+          "a new worker")
     _wait(lambda: _serves(one_worker), 30, "the new worker serves")
     # the dead worker's arenas are unlinked; the new worker has its own two
     _wait(lambda: len(_segments(one_worker)) == 2 and not set(before) & set(_segments(one_worker)), 10,
@@ -233,7 +234,8 @@ def test_sigkill_under_load_fails_only_what_the_worker_held(two_workers):
 async def _hammer(url: str, total: int, concurrency: int = 16) -> int:
     payload = _simple_request(3).SerializeToString()
     errors = 0
-    channels = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(url, options=options) for _ in range(4)]
     calls = [c.unary_unary("/inference.GRPCInferenceService/ModelInfer") for c in channels]
     left = [total]
 

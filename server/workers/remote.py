@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -143,7 +144,8 @@ class RemoteDataPlane:
         self._views: dict[int, tuple] = {}  # id(weakref to a response's root view) -> (ref, block)
         self._released: list[int] = []
         self._release_scheduled = False
-        self._state: dict[str, Any] = {"ready": False, "started": False, "draining": False, "tracing_on": False,
+        self._state: dict[str, Any] = {"ready": False, "started": False, "draining": False,
+                                       "tracing_on": False,
                                        "reason": "the engine has not reported yet", "metadata": {}}
         self._down: str | None = "the engine is not connected yet"
         self._last_pong = time.monotonic()
@@ -162,11 +164,12 @@ class RemoteDataPlane:
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        hello = {"slot": self.slot, "token": self._config["token"], "pid": _pid()}
+        hello = {"slot": self.slot, "token": self._config["token"], "pid": os.getpid()}
         self._first_state = self._loop.create_future()
-        _, self._data = await self._loop.create_unix_connection(lambda: _DataChannel(self), self._config["path"])
+        path = self._config["path"]
+        _, self._data = await self._loop.create_unix_connection(lambda: _DataChannel(self), path)
         self._data.send(wire.HELLO, 0, json.dumps({**hello, "role": "data"}).encode())
-        self._calls = CallClient(self._config["path"], json.dumps({**hello, "role": "call"}).encode(), self._timeout)
+        self._calls = CallClient(path, json.dumps({**hello, "role": "call"}).encode(), self._timeout)
         await asyncio.wait_for(self._first_state, self._timeout)
         self._heartbeat = self._loop.create_task(self._beat())
 
@@ -304,13 +307,14 @@ class RemoteDataPlane:
         if self._down is not None:
             raise unavailable(self._down)
         if len(self._pending) >= self._max_inflight or (self._data is not None and self._data.paused):
-            raise unavailable(f"the inference engine is full: {len(self._pending)} requests of frontend worker "
-                              f"{self.slot} are in flight")
+            raise unavailable(f"the inference engine is full: {len(self._pending)} requests of frontend "
+                              f"worker {self.slot} are in flight")
 
     def _call(self, method: str, *args: Any) -> Any:
         if self._down is not None:
             raise unavailable(self._down)
-        return calls.decode(method, self._calls.call(wire.CONTROL, next(self._tags), calls.request(method, *args)))
+        reply = self._calls.call(wire.CONTROL, next(self._tags), calls.request(method, *args))
+        return calls.decode(method, reply)
 
     # -- the DataPlane interface: health and metadata ----------------------------------------
 
@@ -400,12 +404,11 @@ class RemoteDataPlane:
 
     def _encode(self, request: InferRequest) -> bytes:
         trace = request.trace
+        buf, alloc = self._req_buf, self._req_alloc
         if trace is None:
-            body, _ = wire.encode_request(request, self._req_buf, self._req_alloc, wire.TRACE_NONE, None, 0, 0)
-        else:
-            body, _ = wire.encode_request(request, self._req_buf, self._req_alloc, trace.kind, trace.carrier,
-                                          trace.start_ns, trace.stream_id)
-        return body
+            return wire.encode_request(request, buf, alloc, wire.TRACE_NONE, None, 0, 0)[0]
+        return wire.encode_request(request, buf, alloc, trace.kind, trace.carrier, trace.start_ns,
+                                   trace.stream_id)[0]
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self._admit()
@@ -447,7 +450,3 @@ class RemoteDataPlane:
         return {"live": self._req_alloc.live, "used": self._req_alloc.used, "carved": self._req_alloc.carved}
 
 
-def _pid() -> int:
-    import os
-
-    return os.getpid()

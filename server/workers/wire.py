@@ -19,7 +19,7 @@ from server.core import dtypes
 from server.core.errors import ErrorCode, ServingError
 from server.core.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
-from .arena import ALIGN, Allocator, align
+from .arena import Allocator, align
 
 HEAD = struct.Struct("<IBQ")  # body length, kind, tag
 MAX_BODY = 1 << 31
@@ -52,9 +52,6 @@ class _Writer:
         raw = text.encode()
         self.parts.append(_U32.pack(len(raw)))
         self.parts.append(raw)
-
-    def shape(self, shape) -> None:
-        self.parts.append(struct.pack(f"<I{len(shape)}q", len(shape), *shape))
 
     def params(self, params: dict) -> None:
         for key, value in params.items():
@@ -93,14 +90,6 @@ class Reader:
         if self.pos > len(self.data):
             raise ValueError("string past the end of the frame")
         return self.data[start:self.pos].decode()
-
-    def shape(self) -> list[int]:
-        (n,) = _U32.unpack_from(self.data, self.pos)
-        if n > 64:
-            raise ValueError(f"a tensor of rank {n}")
-        values = struct.unpack_from(f"<{n}q", self.data, self.pos + 4)
-        self.pos += 4 + 8 * n
-        return list(values)
 
     def params(self, count: int) -> dict:
         out: dict[str, Any] = {}
@@ -199,7 +188,8 @@ class Views:
             return dtypes.deserialize_bytes(name, raw.data, dtypes.num_elements(shape)).reshape(shape)
         dtype = dtypes.NUMPY_DTYPES.get(datatype)
         if dtype is None:
-            raise ServingError(ErrorCode.INVALID_ARGUMENT, f"input '{name}' has unknown datatype '{datatype}'")
+            raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                               f"input '{name}' has unknown datatype '{datatype}'")
         if nbytes != dtypes.num_elements(shape) * dtype.itemsize:
             raise ValueError(f"tensor '{name}': {nbytes} bytes for shape {shape} of {datatype}")
         return np.ndarray(shape, dtype, buffer=self.root, offset=rel)  # a view: its base is the root
@@ -207,7 +197,8 @@ class Views:
 
 # ---------------------------------------------------------------- descriptors
 
-_TENSOR_DESC = struct.Struct("<IIIIqqI")  # name len, datatype len, rank, data rank (SAME), offset, bytes, params
+# name length, datatype length, rank, data rank (or SAME), offset in the block, byte size, parameters
+_TENSOR_DESC = struct.Struct("<IIIIqqI")
 SAME = 0xFFFFFFFF  # the data has the declared shape (the usual case): it is not repeated
 _DIMS = [struct.Struct(f"<{n}q") for n in range(9)]
 _ENCODED: dict[str, bytes] = {}
@@ -228,11 +219,13 @@ def _dims(shape) -> bytes:
     return (_DIMS[n] if n < len(_DIMS) else struct.Struct(f"<{n}q")).pack(*shape)
 
 
-def _tensor(w: _Writer, name: str, datatype: str, shape, data_shape, rel: int, nbytes: int, params: dict) -> None:
+def _tensor(w: _Writer, name: str, datatype: str, shape, data_shape, rel: int, nbytes: int,
+            params: dict) -> None:
     raw_name, raw_type = _utf8(name), _utf8(datatype)
     same = tuple(shape) == tuple(data_shape)
-    w.parts.append(_TENSOR_DESC.pack(len(raw_name), len(raw_type), len(shape), SAME if same else len(data_shape),
-                                     rel, nbytes, len(params)))
+    data_rank = SAME if same else len(data_shape)
+    w.parts.append(_TENSOR_DESC.pack(len(raw_name), len(raw_type), len(shape), data_rank, rel, nbytes,
+                                     len(params)))
     w.parts.append(raw_name)
     w.parts.append(raw_type)
     w.parts.append(_dims(shape))
@@ -305,7 +298,8 @@ def encode_request(request: InferRequest, buf: memoryview, allocator: Allocator,
         w.parts.append(_U32.pack(stream_id))
     for tensor, payload, rel in zip(request.inputs, payloads, rels):
         data_shape = payload.shape if isinstance(payload, np.ndarray) else np.shape(tensor.data)
-        _tensor(w, tensor.name, tensor.datatype, tensor.shape, data_shape, rel, _nbytes(payload), tensor.parameters)
+        _tensor(w, tensor.name, tensor.datatype, tensor.shape, data_shape, rel, _nbytes(payload),
+                tensor.parameters)
     for out in request.outputs:
         w.str(out.name)
         w.parts.append(_U32.pack(len(out.parameters)))
@@ -346,7 +340,8 @@ def decode_request(body: bytes, buf: memoryview) -> DecodedRequest:
 
 # ---------------------------------------------------------------- responses (engine -> worker)
 
-_RESPONSE = struct.Struct("<BqqIIIII")  # flags, block offset, block size, outputs, params, model/version/id lengths
+# flags, block offset, block size, outputs, parameters, model / version / id lengths
+_RESPONSE = struct.Struct("<BqqIIIII")
 
 
 def encode_response(response: InferResponse, buf: memoryview, allocator: Allocator) -> tuple[bytes, int]:
@@ -384,7 +379,8 @@ def decode_response(body: bytes, buf: memoryview) -> tuple[InferResponse, Views 
     specs = [_read_tensor(r) for _ in range(n_out)]
     views = Views(buf, block, size, body, r.pos) if (specs or block >= 0) else None
     for name, datatype, shape, data_shape, rel, nbytes, _ in specs:
-        response.outputs.append(Tensor(name, datatype, shape, views.array(name, datatype, data_shape, rel, nbytes)))
+        data = views.array(name, datatype, data_shape, rel, nbytes)
+        response.outputs.append(Tensor(name, datatype, shape, data))
     return response, views
 
 
@@ -419,5 +415,3 @@ def offsets(body: bytes) -> list[int]:
 def release_body(blocks: list[int]) -> bytes:
     return struct.pack(f"<{len(blocks)}q", *blocks)
 
-
-__all__ = ["ALIGN", "HEAD", "frame"]
