@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_workers.py                    # add_sub c=16 and mlp c=64
     .venv/bin/python scripts/bench_workers.py --seconds 8 --workers 0 1 2 4
+    .venv/bin/python scripts/bench_workers.py --growth 100000  # RSS and /dev/shm over 100k requests
 
 Every point starts a fresh inferd on the benchmark repository (scripts/build_models.py) with
 ``--frontend-workers N`` and drives it with the closed-loop gRPC client (scripts/loadgen.py).
@@ -14,6 +15,7 @@ both frontend and engine. The targets of issue 15 are printed with the measured 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -92,6 +94,66 @@ def point(model: str, concurrency: int, workers: int, seconds: float, warmup: fl
             "first_error": result.first_error}
 
 
+async def _send(url: str, payload: bytes, total: int, concurrency: int = 32) -> int:
+    channels = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(4)]
+    calls = [c.unary_unary(loadgen.METHOD) for c in channels]
+    left, errors = [total], [0]
+
+    async def loop(i: int) -> None:
+        call = calls[i % len(calls)]
+        while left[0] > 0:
+            left[0] -= 1
+            try:
+                await call(payload, timeout=30)
+            except grpc.RpcError:
+                errors[0] += 1
+
+    await asyncio.gather(*(loop(i) for i in range(concurrency)))
+    for c in channels:
+        await c.close()
+    return errors[0]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def footprint(engine: int) -> tuple[int, int, int]:
+    """RSS of the engine and of its workers (KiB), and the shared memory they really use (bytes)."""
+    workers = sum(_rss_kib(pid) for pid in worker_pids(engine))
+    shm = sum(p.stat().st_blocks * 512 for p in Path("/dev/shm").glob(f"inferd-w{engine}-*"))
+    return _rss_kib(engine), workers, shm
+
+
+def growth(total: int, workers: int) -> None:
+    """Send ``total`` add_sub requests through ``workers`` workers; print RSS and /dev/shm before/after."""
+    server = start(workers)
+    try:
+        bench.wait_ready(server.url, "add_sub")
+        feed, types = bench.inputs_for("add_sub")
+        payload = loadgen.make_request("add_sub", feed, types)
+        asyncio.run(_send(server.url, payload, 5000))  # warm: caches filled, arena blocks carved
+        engine0, workers0, shm0 = footprint(server.proc.pid)
+        start_at = time.monotonic()
+        errors = asyncio.run(_send(server.url, payload, total))
+        elapsed = time.monotonic() - start_at
+        engine1, workers1, shm1 = footprint(server.proc.pid)
+    finally:
+        server.stop()
+    def change(before: int, after: int, unit: int, text: str) -> str:
+        return f"{before / unit:.1f} -> {after / unit:.1f} {text} ({(after - before) / unit:+.1f})"
+
+    rate = total / elapsed
+    print(f"growth over {total:,} requests ({workers} workers, {rate:,.0f} req/s, {errors} errors):")
+    print(f"  engine RSS {change(engine0, engine1, 1024, 'MiB')}")
+    print(f"  workers RSS {change(workers0, workers1, 1024, 'MiB')}")
+    print(f"  /dev/shm in use {change(shm0, shm1, 1024, 'KiB')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,8 +163,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenario", action="append", metavar="MODEL:CONCURRENCY",
                         help="default: add_sub:16 and mlp:64")
+    parser.add_argument("--growth", type=int, default=0, metavar="N",
+                        help="instead: send N add_sub requests through max(--workers) workers and print "
+                             "how RSS and /dev/shm changed (issue 15 asks for 100000)")
     args = parser.parse_args()
     bench.build_repository()
+    if args.growth:
+        growth(args.growth, max(args.workers))
+        return
     scenarios = [(s.split(":")[0], int(s.split(":")[1])) for s in (args.scenario or ["add_sub:16", "mlp:64"])]
     print(f"# frontend workers on {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
           f"{args.seconds:g}s per point, {time.strftime('%Y-%m-%d %H:%M')}")
