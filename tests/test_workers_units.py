@@ -198,3 +198,53 @@ def test_worker_flags_are_checked():
             settings.from_args(base + bad)
     ok = settings.from_args(base + ["--frontend-workers", "2", "--http-port", "0", "--allow-http", "false"])
     assert ok.frontend_workers == 2
+
+
+# ---------------------------------------------------------------- templates (short forms of repeated shapes)
+
+
+def test_a_request_template_round_trip_reads_in_place(buf):
+    alloc = arena.Allocator(len(buf))
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    empty = Tensor("E", "INT8", [0, 4], np.zeros((0, 4), np.int8))
+    request = InferRequest("m", "1", "id-7", [Tensor("X", "FP32", [2, 4], a), empty], [RequestedOutput("Y")],
+                           deadline=5.5)
+    key = wire.request_key(request)
+    assert key is not None and key == wire.request_key(request)
+    sent = wire.new_request_template(3, request)
+    templates = {3: wire.Template.parse(sent.describe())}  # what the engine keeps from the TEMPLATE frame
+    block = sent.write([t.data for t in request.inputs], buf, alloc)
+    decoded = wire.read_fast_request(wire.fast_request(sent, block, request), templates, buf)
+    got = decoded.request
+    assert (got.model_name, got.model_version, got.id, got.deadline) == ("m", "1", "id-7", 5.5)
+    assert [o.name for o in got.outputs] == ["Y"]
+    assert got.inputs[0].data.tolist() == a.tolist() and got.inputs[0].data.base is decoded.views.root
+    assert got.inputs[1].data.shape == (0, 4)
+    with pytest.raises(ValueError, match="unknown request template"):
+        wire.read_fast_request(wire.fast_request(sent, block, request), {}, buf)
+
+
+def test_what_a_template_cannot_say_takes_the_full_form():
+    x = Tensor("X", "FP32", [1, 2], np.ones((1, 2), np.float32))
+    text = Tensor("B", "BYTES", [1], np.array([b"x"], object))
+    wide = Tensor("X", "FP32", [2], np.ones(2, np.float64))
+    for request in (InferRequest("m", inputs=[x], parameters={"priority": 1}),
+                    InferRequest("m", inputs=[x], trace=object()), InferRequest("m", inputs=[text]),
+                    InferRequest("m", inputs=[wide]),
+                    InferRequest("m", inputs=[x], outputs=[RequestedOutput("Y", {"binary_data": 1})])):
+        assert wire.request_key(request) is None
+    assert wire.response_key(InferResponse("m", "1", "", [x], final=False)) is None
+    assert wire.response_key(InferResponse("m", "1", "", [x], {"p": 1})) is None
+    with pytest.raises(ValueError):
+        wire.Template(1, "m", "", [("X", "FP32", [-1])], [])
+
+
+def test_a_response_template_round_trip(buf):
+    alloc = arena.Allocator(len(buf))
+    response = InferResponse("m", "1", "r", [Tensor("Y", "INT64", [1, 3], np.arange(3).reshape(1, 3))])
+    sent = wire.new_response_template(1, response)
+    block = sent.write([t.data for t in response.outputs], buf, alloc)
+    got, views = wire.read_fast_response(wire.fast_response(sent, block, response),
+                                         {1: wire.Template.parse(sent.describe())}, buf)
+    assert (got.model_name, got.model_version, got.id, got.final, got.error) == ("m", "1", "r", True, None)
+    assert got.outputs[0].data.tolist() == [[0, 1, 2]] and views.block == block

@@ -40,6 +40,8 @@ class WorkerPort:
         self.up = False
         self.retired = False
         self.inflight: dict[int, Any] = {}  # tag -> unary task, or ResponseStream
+        self.templates: dict[int, wire.Template] = {}  # request shapes this worker described
+        self._response_templates: dict[tuple, wire.Template] = {}  # response shapes sent to it
         self._pumps: set[asyncio.Task] = set()
         self._stream_traces: dict[int, Any] = {}
         self._held: dict[int, tuple] = {}  # id(weakref to a request's root view) -> (ref, block)
@@ -50,8 +52,12 @@ class WorkerPort:
     # -- frames ------------------------------------------------------------------------------
 
     def on_data(self, kind: int, tag: int, body: bytes) -> None:
-        if kind == wire.INFER:
-            self._infer(tag, body)
+        if kind == wire.INFER_FAST or kind == wire.INFER:
+            self._infer(kind, tag, body)
+        elif kind == wire.TEMPLATE:
+            if len(self.templates) < wire.MAX_TEMPLATES:
+                template = wire.Template.parse(body)
+                self.templates[template.id] = template
         elif kind == wire.RELEASE:
             for block in wire.offsets(body):
                 self.response_alloc.free(block)
@@ -77,8 +83,11 @@ class WorkerPort:
 
     # -- inference ---------------------------------------------------------------------------
 
-    def _decode(self, body: bytes):
-        decoded = wire.decode_request(body, self.request_buf)
+    def _decode(self, body: bytes, kind: int = wire.INFER):
+        if kind == wire.INFER_FAST:
+            decoded = wire.read_fast_request(body, self.templates, self.request_buf)
+        else:
+            decoded = wire.decode_request(body, self.request_buf)
         views = decoded.views
         if views.block >= 0:
             ref = weakref.ref(views.root, self._views_gone)
@@ -88,9 +97,9 @@ class WorkerPort:
             request.trace = self._trace(decoded)
         return request
 
-    def _infer(self, tag: int, body: bytes) -> None:
+    def _infer(self, kind: int, tag: int, body: bytes) -> None:
         try:
-            request = self._decode(body)
+            request = self._decode(body, kind)
         except Exception as exc:  # noqa: BLE001 - a malformed frame fails its request only
             self.data.send(wire.ERROR, tag, wire.error_body(_malformed(exc)))
             return
@@ -109,9 +118,30 @@ class WorkerPort:
                 self.data.send(wire.ERROR, tag, wire.error_body(exc))
             return
         if self.inflight.pop(tag, None) is not None:
-            body, _ = wire.encode_response(response, self.response_buf, self.response_alloc)
-            self.data.send(wire.RESPONSE, tag, body)
+            self._respond(tag, response)
         self.served += 1
+
+    def _respond(self, tag: int, response) -> None:
+        """Send one response: its short form when its shape was sent before, else the full one."""
+        key = wire.response_key(response)
+        if key is not None:
+            template = self._response_templates.get(key)
+            if template is None and len(self._response_templates) < wire.MAX_TEMPLATES:
+                try:
+                    template = wire.new_response_template(len(self._response_templates) + 1, response)
+                except ValueError:
+                    template = None
+                if template is not None:
+                    self._response_templates[key] = template
+                    self.data.send(wire.RESPONSE_TEMPLATE, template.id, template.describe())
+            if template is not None:
+                arrays = [t.data for t in response.outputs]
+                block = template.write(arrays, self.response_buf, self.response_alloc)
+                if block >= 0 or not template.size:
+                    self.data.send(wire.RESPONSE_FAST, tag, wire.fast_response(template, block, response))
+                    return
+        body, _ = wire.encode_response(response, self.response_buf, self.response_alloc)
+        self.data.send(wire.RESPONSE, tag, body)
 
     def _admit_stream(self, tag: int, body: bytes) -> None:
         try:
@@ -134,8 +164,7 @@ class WorkerPort:
             async for response in stream:
                 if self.inflight.get(tag) is not stream:
                     break
-                body, _ = wire.encode_response(response, self.response_buf, self.response_alloc)
-                self.data.send(wire.RESPONSE, tag, body)
+                self._respond(tag, response)
                 if response.final:
                     break
         except Exception as exc:  # noqa: BLE001 - a rendering bug fails this request in-band

@@ -141,6 +141,8 @@ class RemoteDataPlane:
         self._trace_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future | RemoteStream] = {}
         self._controls: dict[int, asyncio.Future] = {}
+        self._templates: dict[tuple, wire.Template] = {}  # request shapes sent to the engine
+        self._response_templates: dict[int, wire.Template] = {}  # response shapes the engine sent
         self._views: dict[int, tuple] = {}  # id(weakref to a response's root view) -> (ref, block)
         self._released: list[int] = []
         self._release_scheduled = False
@@ -220,8 +222,11 @@ class RemoteDataPlane:
     # -- frames from the engine --------------------------------------------------------------
 
     def _on_frame(self, kind: int, tag: int, body: bytes) -> None:
-        if kind == wire.RESPONSE:
-            response, views = wire.decode_response(body, self._resp_buf)
+        if kind == wire.RESPONSE_FAST or kind == wire.RESPONSE:
+            if kind == wire.RESPONSE_FAST:
+                response, views = wire.read_fast_response(body, self._response_templates, self._resp_buf)
+            else:
+                response, views = wire.decode_response(body, self._resp_buf)
             if views is not None and views.block >= 0:
                 ref = weakref.ref(views.root, self._freed)
                 self._views[id(ref)] = (ref, views.block)
@@ -242,6 +247,10 @@ class RemoteDataPlane:
                         waiter.set_result(response)
         elif kind == wire.ERROR:
             self._forget(tag, cancel=False, error=wire.decode_error(body))
+        elif kind == wire.RESPONSE_TEMPLATE:
+            if len(self._response_templates) < wire.MAX_TEMPLATES:
+                template = wire.Template.parse(body)
+                self._response_templates[template.id] = template
         elif kind == wire.RELEASE:
             for block in wire.offsets(body):
                 self._req_alloc.free(block)
@@ -402,6 +411,26 @@ class RemoteDataPlane:
 
     # -- inference ---------------------------------------------------------------------------
 
+    def _encode_fast(self, request: InferRequest) -> bytes | None:
+        """The short form of a request whose shape was seen before (None: use the full one)."""
+        key = wire.request_key(request)
+        if key is None:
+            return None
+        template = self._templates.get(key)
+        if template is None:
+            if len(self._templates) >= wire.MAX_TEMPLATES:
+                return None
+            try:
+                template = wire.new_request_template(len(self._templates) + 1, request)
+            except ValueError:
+                return None
+            self._templates[key] = template
+            self._send(wire.TEMPLATE, template.id, template.describe())  # before its first use
+        block = template.write([t.data for t in request.inputs], self._req_buf, self._req_alloc)
+        if block < 0 and template.size:
+            return None  # no room in the arena: the full form goes inline
+        return wire.fast_request(template, block, request)
+
     def _encode(self, request: InferRequest) -> bytes:
         trace = request.trace
         buf, alloc = self._req_buf, self._req_alloc
@@ -413,10 +442,13 @@ class RemoteDataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         self._admit()
         tag = next(self._tags)
-        body = self._encode(request)
+        body = self._encode_fast(request)
+        kind = wire.INFER_FAST
+        if body is None:
+            body, kind = self._encode(request), wire.INFER
         future = self._loop.create_future()
         self._pending[tag] = future
-        self._data.send(wire.INFER, tag, body)
+        self._data.send(kind, tag, body)
         try:
             return await future
         except asyncio.CancelledError:
