@@ -57,11 +57,12 @@ def worker_pids(engine: int) -> list[int]:
     return pids
 
 
-def served(url: str, model: str) -> int:
+def served(url: str, model: str) -> tuple[int, int]:
+    """Requests completed and batches executed so far."""
     with grpc.insecure_channel(url) as channel:
         stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name=model), timeout=10)
-        return stats.model_stats[0].inference_stats.success.count
+            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats[0]
+        return stats.inference_stats.success.count, stats.execution_count
 
 
 def start(workers: int) -> bench.Server:
@@ -80,16 +81,17 @@ def point(model: str, concurrency: int, workers: int, seconds: float, warmup: fl
         feed, types = bench.inputs_for(model)
         payload = loadgen.make_request(model, feed, types)
         workers_now = worker_pids(server.proc.pid)
-        count0, cpu0 = served(server.url, model), cpu_seconds(server.proc.pid)
+        (count0, batches0), cpu0 = served(server.url, model), cpu_seconds(server.proc.pid)
         wcpu0 = sum(cpu_seconds(p) for p in workers_now)
         result = loadgen.run(server.url, payload, concurrency, seconds, warmup=warmup, processes=processes)
-        cpu1, count1 = cpu_seconds(server.proc.pid), served(server.url, model)
+        cpu1, (count1, batches1) = cpu_seconds(server.proc.pid), served(server.url, model)
         wcpu1 = sum(cpu_seconds(p) for p in workers_now)
     finally:
         server.stop()
     done = max(1, count1 - count0)
     return {"model": model, "c": concurrency, "workers": workers, "rps": result.throughput,
             "p50": result.pct(50), "p99": result.pct(99), "errors": result.errors,
+            "batch": done / max(1, batches1 - batches0),
             "engine_us": (cpu1 - cpu0) / done * 1e6, "workers_us": (wcpu1 - wcpu0) / done * 1e6,
             "first_error": result.first_error}
 
@@ -174,9 +176,9 @@ def main() -> None:
     scenarios = [(s.split(":")[0], int(s.split(":")[1])) for s in (args.scenario or ["add_sub:16", "mlp:64"])]
     print(f"# frontend workers on {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
           f"{args.seconds:g}s per point, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model | c | workers | req/s | ratio to 0 | p50 ms | p99 ms | engine CPU us/req "
+    print("| model | c | workers | req/s | ratio to 0 | p50 ms | p99 ms | mean batch | engine CPU us/req "
           "| workers CPU us/req |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows: dict[tuple[str, int], dict] = {}
     for model, concurrency in scenarios:
         for workers in args.workers:
@@ -186,7 +188,8 @@ def main() -> None:
             ratio = f"{r['rps'] / base['rps']:.2f}" if base else ""
             errors = f" ({r['errors']} errors: {r['first_error']})" if r["errors"] else ""
             print(f"| {model} | {concurrency} | {workers} | {r['rps']:,.0f} | {ratio} | {r['p50']:.2f} | "
-                  f"{r['p99']:.2f} | {r['engine_us']:.0f} | {r['workers_us']:.0f} |{errors}", flush=True)
+                  f"{r['p99']:.2f} | {r['batch']:.1f} | {r['engine_us']:.0f} | {r['workers_us']:.0f} |"
+                  f"{errors}", flush=True)
     print()
     for model, _ in scenarios:
         w0, w1, w2 = rows.get((model, 0)), rows.get((model, 1)), rows.get((model, 2))

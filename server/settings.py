@@ -155,9 +155,11 @@ def from_args(argv: list[str] | None = None) -> Settings:
     settings.frontend_worker_shm_mb = args.frontend_worker_shm_mb
     settings.frontend_worker_engine_timeout_secs = args.frontend_worker_engine_timeout_secs
     settings.frontend_worker_max_inflight = args.frontend_worker_max_inflight
+    ports = [port for port, on in ((settings.grpc_port, settings.allow_grpc),
+                                   (settings.http_port, settings.allow_http)) if on]
+    if 0 in ports and args.frontend_workers.strip().lower() == "auto":
+        settings.frontend_workers = 0  # a port 0 is one process's own: 'auto' then means no workers
     if settings.frontend_workers:  # the workers all bind the same ports: a port 0 would give each its own
-        ports = [port for port, on in ((settings.grpc_port, settings.allow_grpc),
-                                       (settings.http_port, settings.allow_http)) if on]
         if 0 in ports or settings.frontend_worker_shm_mb < 1:
             p.error("--frontend-workers needs fixed --grpc-port/--http-port (not 0) and "
                     "--frontend-worker-shm-mb >= 1")

@@ -198,6 +198,8 @@ def test_worker_flags_are_checked():
             settings.from_args(base + bad)
     ok = settings.from_args(base + ["--frontend-workers", "2", "--http-port", "0", "--allow-http", "false"])
     assert ok.frontend_workers == 2
+    # auto (the default) with a port 0: no workers rather than an error, whatever the core count
+    assert settings.from_args(base + ["--grpc-port", "0"]).frontend_workers == 0
 
 
 # ---------------------------------------------------------------- templates (short forms of repeated shapes)
