@@ -14,7 +14,7 @@ from server import settings
 from server.core.dtypes import DATATYPES, NUMPY_DTYPES
 from server.core.errors import ErrorCode, ServingError
 from server.core.types import IndexEntry, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Tensor
-from server.workers import arena, calls, wire
+from server.workers import arena, calls, codec, templates, wire
 
 
 @pytest.fixture
@@ -71,9 +71,9 @@ def test_request_round_trip_every_datatype_in_place(buf):
     alloc = arena.Allocator(len(buf))
     request = _request()
     carrier = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
-    body, block = wire.encode_request(request, buf, alloc, wire.TRACE_GRPC, carrier, 99, 7)
+    body, block = codec.encode_request(request, buf, alloc, wire.TRACE_GRPC, carrier, 99, 7)
     assert block >= 0 and alloc.live == 1
-    decoded = wire.decode_request(body, buf)
+    decoded = codec.decode_request(body, buf)
     got = decoded.request
     assert (got.model_name, got.model_version, got.id, got.deadline) == ("model-\u00e9", "2", "id-1", 123.25)
     assert got.parameters == request.parameters
@@ -94,30 +94,30 @@ def test_request_goes_inline_when_the_arena_is_full(buf):
     while alloc.alloc(1024) >= 0:
         pass
     request = _request(("FP32", "BYTES", "INT64"))
-    body, block = wire.encode_request(request, buf, alloc, wire.TRACE_NONE, None, 0, 0)
+    body, block = codec.encode_request(request, buf, alloc, wire.TRACE_NONE, None, 0, 0)
     assert block == -1
-    got = wire.decode_request(body, buf).request
+    got = codec.decode_request(body, buf).request
     assert [t.data.tolist() for t in got.inputs] == [t.data.tolist() for t in request.inputs]
 
 
 def test_a_request_without_inputs_and_a_non_contiguous_input(buf):
     alloc = arena.Allocator(len(buf))
-    body, block = wire.encode_request(InferRequest("m"), buf, alloc, wire.TRACE_NONE, None, 0, 0)
-    assert block == -1 and wire.decode_request(body, buf).request.inputs == []
+    body, block = codec.encode_request(InferRequest("m"), buf, alloc, wire.TRACE_NONE, None, 0, 0)
+    assert block == -1 and codec.decode_request(body, buf).request.inputs == []
     strided = np.arange(24, dtype=np.int32).reshape(4, 6)[:, ::2]
     request = InferRequest("m", inputs=[Tensor("X", "INT32", [4, 3], strided)])
-    got = wire.decode_request(wire.encode_request(request, buf, alloc, 0, None, 0, 0)[0], buf).request
+    got = codec.decode_request(codec.encode_request(request, buf, alloc, 0, None, 0, 0)[0], buf).request
     assert got.inputs[0].data.tolist() == strided.tolist()
 
 
 def test_malformed_frames_are_refused_not_read_out_of_bounds(buf):
     alloc = arena.Allocator(len(buf))
-    body, _ = wire.encode_request(_request(("FP32",)), buf, alloc, 0, None, 0, 0)
+    body, _ = codec.encode_request(_request(("FP32",)), buf, alloc, 0, None, 0, 0)
     with pytest.raises((ValueError, UnicodeDecodeError, struct.error)):
-        wire.decode_request(body[:20], buf)
+        codec.decode_request(body[:20], buf)
     with pytest.raises(ValueError, match="outside the arena"):
-        wire.Views(buf, len(buf) - 64, 128, b"", 0)
-    views = wire.Views(buf, 0, 256, b"", 0)
+        codec.Views(buf, len(buf) - 64, 128, b"", 0)
+    views = codec.Views(buf, 0, 256, b"", 0)
     with pytest.raises(ValueError, match="outside its message"):
         views.array("X", "FP32", [100], 0, 400)
     with pytest.raises(ValueError, match="bytes for shape"):
@@ -135,14 +135,14 @@ def test_response_round_trip_and_errors(buf):
     outputs = [Tensor("A", "FP16", [1, 4], np.ones((1, 4), np.float16)),
                Tensor("B", "BYTES", [2], np.array([b"x", b""], dtype=object))]
     response = InferResponse("m", "1", "r", outputs, {"triton_final_response": False, "n": 3}, final=False)
-    body, block = wire.encode_response(response, buf, alloc)
-    got, views = wire.decode_response(body, buf)
+    body, block = codec.encode_response(response, buf, alloc)
+    got, views = codec.decode_response(body, buf)
     assert (got.model_name, got.model_version, got.id, got.final, got.error) == ("m", "1", "r", False, None)
     assert got.parameters == {"triton_final_response": False, "n": 3}
     assert got.outputs[0].data.tolist() == [[1.0] * 4] and got.outputs[1].data.tolist() == [b"x", b""]
     assert views.block == block
     failed = InferResponse("m", "1", "r", [], {}, True, ServingError(ErrorCode.UNAVAILABLE, "gone"))
-    got, views = wire.decode_response(wire.encode_response(failed, buf, alloc)[0], buf)
+    got, views = codec.decode_response(codec.encode_response(failed, buf, alloc)[0], buf)
     assert got.final and views is None
     assert (got.error.code, got.error.message) == (ErrorCode.UNAVAILABLE, "gone")
     error = wire.decode_error(wire.error_body(RuntimeError("boom")))
@@ -211,19 +211,19 @@ def test_a_request_template_round_trip_reads_in_place(buf):
     empty = Tensor("E", "INT8", [0, 4], np.zeros((0, 4), np.int8))
     request = InferRequest("m", "1", "id-7", [Tensor("X", "FP32", [2, 4], a), empty], [RequestedOutput("Y")],
                            deadline=5.5)
-    key = wire.request_key(request)
-    assert key is not None and key == wire.request_key(request)
-    sent = wire.new_request_template(3, request)
-    templates = {3: wire.Template.parse(sent.describe())}  # what the engine keeps from the TEMPLATE frame
+    key = templates.request_key(request)
+    assert key is not None and key == templates.request_key(request)
+    sent = templates.new_request_template(3, request)
+    known = {3: templates.Template.parse(sent.describe())}  # what the engine keeps from the TEMPLATE frame
     block = sent.write([t.data for t in request.inputs], buf, alloc)
-    decoded = wire.read_fast_request(wire.fast_request(sent, block, request), templates, buf)
+    decoded = templates.read_fast_request(templates.fast_request(sent, block, request), known, buf)
     got = decoded.request
     assert (got.model_name, got.model_version, got.id, got.deadline) == ("m", "1", "id-7", 5.5)
     assert [o.name for o in got.outputs] == ["Y"]
     assert got.inputs[0].data.tolist() == a.tolist() and got.inputs[0].data.base is decoded.views.root
     assert got.inputs[1].data.shape == (0, 4)
     with pytest.raises(ValueError, match="unknown request template"):
-        wire.read_fast_request(wire.fast_request(sent, block, request), {}, buf)
+        templates.read_fast_request(templates.fast_request(sent, block, request), {}, buf)
 
 
 def test_what_a_template_cannot_say_takes_the_full_form():
@@ -234,19 +234,19 @@ def test_what_a_template_cannot_say_takes_the_full_form():
                     InferRequest("m", inputs=[x], trace=object()), InferRequest("m", inputs=[text]),
                     InferRequest("m", inputs=[wide]),
                     InferRequest("m", inputs=[x], outputs=[RequestedOutput("Y", {"binary_data": 1})])):
-        assert wire.request_key(request) is None
-    assert wire.response_key(InferResponse("m", "1", "", [x], final=False)) is None
-    assert wire.response_key(InferResponse("m", "1", "", [x], {"p": 1})) is None
+        assert templates.request_key(request) is None
+    assert templates.response_key(InferResponse("m", "1", "", [x], final=False)) is None
+    assert templates.response_key(InferResponse("m", "1", "", [x], {"p": 1})) is None
     with pytest.raises(ValueError):
-        wire.Template(1, "m", "", [("X", "FP32", [-1])], [])
+        templates.Template(1, "m", "", [("X", "FP32", [-1])], [])
 
 
 def test_a_response_template_round_trip(buf):
     alloc = arena.Allocator(len(buf))
     response = InferResponse("m", "1", "r", [Tensor("Y", "INT64", [1, 3], np.arange(3).reshape(1, 3))])
-    sent = wire.new_response_template(1, response)
+    sent = templates.new_response_template(1, response)
     block = sent.write([t.data for t in response.outputs], buf, alloc)
-    got, views = wire.read_fast_response(wire.fast_response(sent, block, response),
-                                         {1: wire.Template.parse(sent.describe())}, buf)
+    got, views = templates.read_fast_response(templates.fast_response(sent, block, response),
+                                         {1: templates.Template.parse(sent.describe())}, buf)
     assert (got.model_name, got.model_version, got.id, got.final, got.error) == ("m", "1", "r", True, None)
     assert got.outputs[0].data.tolist() == [[0, 1, 2]] and views.block == block

@@ -20,7 +20,7 @@ from typing import Any
 
 from server.core.errors import ServingError
 
-from . import arena, calls, wire
+from . import arena, calls, codec, templates, wire
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class WorkerPort:
         self.up = False
         self.retired = False
         self.inflight: dict[int, Any] = {}  # tag -> unary task, or ResponseStream
-        self.templates: dict[int, wire.Template] = {}  # request shapes this worker described
-        self._response_templates: dict[tuple, wire.Template] = {}  # response shapes sent to it
+        self.templates: dict[int, templates.Template] = {}  # request shapes this worker described
+        self._response_templates: dict[tuple, templates.Template] = {}  # response shapes sent to it
         self._pumps: set[asyncio.Task] = set()
         self._stream_traces: dict[int, Any] = {}
         self._held: dict[int, tuple] = {}  # id(weakref to a request's root view) -> (ref, block)
@@ -55,8 +55,8 @@ class WorkerPort:
         if kind == wire.INFER_FAST or kind == wire.INFER:
             self._infer(kind, tag, body)
         elif kind == wire.TEMPLATE:
-            if len(self.templates) < wire.MAX_TEMPLATES:
-                template = wire.Template.parse(body)
+            if len(self.templates) < templates.MAX_TEMPLATES:
+                template = templates.Template.parse(body)
                 self.templates[template.id] = template
         elif kind == wire.RELEASE:
             for block in wire.offsets(body):
@@ -85,9 +85,9 @@ class WorkerPort:
 
     def _decode(self, body: bytes, kind: int = wire.INFER):
         if kind == wire.INFER_FAST:
-            decoded = wire.read_fast_request(body, self.templates, self.request_buf)
+            decoded = templates.read_fast_request(body, self.templates, self.request_buf)
         else:
-            decoded = wire.decode_request(body, self.request_buf)
+            decoded = codec.decode_request(body, self.request_buf)
         views = decoded.views
         if views.block >= 0:
             ref = weakref.ref(views.root, self._views_gone)
@@ -123,12 +123,12 @@ class WorkerPort:
 
     def _respond(self, tag: int, response) -> None:
         """Send one response: its short form when its shape was sent before, else the full one."""
-        key = wire.response_key(response)
+        key = templates.response_key(response)
         if key is not None:
             template = self._response_templates.get(key)
-            if template is None and len(self._response_templates) < wire.MAX_TEMPLATES:
+            if template is None and len(self._response_templates) < templates.MAX_TEMPLATES:
                 try:
-                    template = wire.new_response_template(len(self._response_templates) + 1, response)
+                    template = templates.new_response_template(len(self._response_templates) + 1, response)
                 except ValueError:
                     template = None
                 if template is not None:
@@ -138,9 +138,10 @@ class WorkerPort:
                 arrays = [t.data for t in response.outputs]
                 block = template.write(arrays, self.response_buf, self.response_alloc)
                 if block >= 0 or not template.size:
-                    self.data.send(wire.RESPONSE_FAST, tag, wire.fast_response(template, block, response))
+                    body = templates.fast_response(template, block, response)
+                    self.data.send(wire.RESPONSE_FAST, tag, body)
                     return
-        body, _ = wire.encode_response(response, self.response_buf, self.response_alloc)
+        body, _ = codec.encode_response(response, self.response_buf, self.response_alloc)
         self.data.send(wire.RESPONSE, tag, body)
 
     def _admit_stream(self, tag: int, body: bytes) -> None:

@@ -18,100 +18,21 @@ import os
 import threading
 import time
 import weakref
-from collections import deque
 from typing import Any, Mapping
 
 from server.core.changes import Changes
 from server.core.errors import ServingError, unavailable
 from server.core.types import InferRequest, InferResponse
 
-from . import arena, calls, wire
+from . import arena, calls, codec, templates, wire
 from .call_client import CallClient
 from .link import FrameProtocol
+from .remote_stream import RemoteStream, RemoteStreamTrace, RemoteTrace
 
 log = logging.getLogger(__name__)
 
 PROPAGATED = ("traceparent", "tracestate")
 ENGINE_GONE = "the inference engine process is unreachable (frontend worker {slot})"
-
-
-class RemoteTrace:
-    """The caller's trace context as a worker hands it over; the engine rebuilds the real one."""
-
-    __slots__ = ("kind", "carrier", "start_ns", "stream_id")
-
-    def __init__(self, kind: int, carrier: dict[str, str], stream_id: int = 0) -> None:
-        self.kind, self.carrier, self.stream_id = kind, carrier, stream_id
-        self.start_ns = time.time_ns()
-
-
-class RemoteStreamTrace:
-    """A ModelStreamInfer stream's trace: its span lives in the engine, keyed by this id."""
-
-    def __init__(self, plane: "RemoteDataPlane", carrier: dict[str, str]) -> None:
-        self.plane, self.carrier = plane, carrier
-        self.id = next(plane._trace_ids)
-        self.used = False
-
-    def child(self, model: str) -> RemoteTrace:
-        self.used = True
-        return RemoteTrace(wire.TRACE_STREAM, self.carrier, self.id)
-
-    def end(self) -> None:
-        if self.used:
-            self.plane._send(wire.TRACE_END, self.id)
-
-
-class RemoteStream:
-    """A request's responses as they arrive from the engine (core.stream.ResponseStream's interface)."""
-
-    __slots__ = ("_plane", "_tag", "_items", "_waiter", "_ended", "_cancelled", "decoupled", "empty_final")
-
-    def __init__(self, plane: "RemoteDataPlane", tag: int) -> None:
-        self._plane, self._tag = plane, tag
-        self._items: deque[InferResponse] = deque()
-        self._waiter: asyncio.Future | None = None
-        self._ended = False  # the final response was delivered to us
-        self._cancelled = False
-        self.decoupled = False
-        self.empty_final = False
-
-    def push(self, response: InferResponse) -> None:
-        if self._cancelled:
-            return
-        self._items.append(response)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def cancel(self) -> None:
-        if self._cancelled:
-            return
-        self._cancelled = True
-        self._plane._forget(self._tag, cancel=True)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def is_cancelled(self) -> bool:
-        return self._cancelled
-
-    def __aiter__(self) -> "RemoteStream":
-        return self
-
-    async def __anext__(self) -> InferResponse:
-        while not self._items:
-            if self._ended or self._cancelled:
-                raise StopAsyncIteration
-            self._waiter = self._plane._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        response = self._items.popleft()
-        if response.final:
-            self._ended = True
-        return response
 
 
 class _DataChannel(FrameProtocol):
@@ -141,8 +62,8 @@ class RemoteDataPlane:
         self._trace_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future | RemoteStream] = {}
         self._controls: dict[int, asyncio.Future] = {}
-        self._templates: dict[tuple, wire.Template] = {}  # request shapes sent to the engine
-        self._response_templates: dict[int, wire.Template] = {}  # response shapes the engine sent
+        self._templates: dict[tuple, templates.Template] = {}  # request shapes sent to the engine
+        self._response_templates: dict[int, templates.Template] = {}  # response shapes the engine sent
         self._views: dict[int, tuple] = {}  # id(weakref to a response's root view) -> (ref, block)
         self._released: list[int] = []
         self._release_scheduled = False
@@ -224,9 +145,9 @@ class RemoteDataPlane:
     def _on_frame(self, kind: int, tag: int, body: bytes) -> None:
         if kind == wire.RESPONSE_FAST or kind == wire.RESPONSE:
             if kind == wire.RESPONSE_FAST:
-                response, views = wire.read_fast_response(body, self._response_templates, self._resp_buf)
+                response, views = templates.read_fast_response(body, self._response_templates, self._resp_buf)
             else:
-                response, views = wire.decode_response(body, self._resp_buf)
+                response, views = codec.decode_response(body, self._resp_buf)
             if views is not None and views.block >= 0:
                 ref = weakref.ref(views.root, self._freed)
                 self._views[id(ref)] = (ref, views.block)
@@ -248,8 +169,8 @@ class RemoteDataPlane:
         elif kind == wire.ERROR:
             self._forget(tag, cancel=False, error=wire.decode_error(body))
         elif kind == wire.RESPONSE_TEMPLATE:
-            if len(self._response_templates) < wire.MAX_TEMPLATES:
-                template = wire.Template.parse(body)
+            if len(self._response_templates) < templates.MAX_TEMPLATES:
+                template = templates.Template.parse(body)
                 self._response_templates[template.id] = template
         elif kind == wire.RELEASE:
             for block in wire.offsets(body):
@@ -413,15 +334,15 @@ class RemoteDataPlane:
 
     def _encode_fast(self, request: InferRequest) -> bytes | None:
         """The short form of a request whose shape was seen before (None: use the full one)."""
-        key = wire.request_key(request)
+        key = templates.request_key(request)
         if key is None:
             return None
         template = self._templates.get(key)
         if template is None:
-            if len(self._templates) >= wire.MAX_TEMPLATES:
+            if len(self._templates) >= templates.MAX_TEMPLATES:
                 return None
             try:
-                template = wire.new_request_template(len(self._templates) + 1, request)
+                template = templates.new_request_template(len(self._templates) + 1, request)
             except ValueError:
                 return None
             self._templates[key] = template
@@ -429,14 +350,14 @@ class RemoteDataPlane:
         block = template.write([t.data for t in request.inputs], self._req_buf, self._req_alloc)
         if block < 0 and template.size:
             return None  # no room in the arena: the full form goes inline
-        return wire.fast_request(template, block, request)
+        return templates.fast_request(template, block, request)
 
     def _encode(self, request: InferRequest) -> bytes:
         trace = request.trace
         buf, alloc = self._req_buf, self._req_alloc
         if trace is None:
-            return wire.encode_request(request, buf, alloc, wire.TRACE_NONE, None, 0, 0)[0]
-        return wire.encode_request(request, buf, alloc, trace.kind, trace.carrier, trace.start_ns,
+            return codec.encode_request(request, buf, alloc, wire.TRACE_NONE, None, 0, 0)[0]
+        return codec.encode_request(request, buf, alloc, trace.kind, trace.carrier, trace.start_ns,
                                    trace.stream_id)[0]
 
     async def infer(self, request: InferRequest) -> InferResponse:
