@@ -42,8 +42,8 @@ def request(method: str, *args: Any) -> bytes:
     return json.dumps({"method": method, "args": [_pack(a) for a in args]}).encode()
 
 
-def reply_ok(value: Any) -> bytes:
-    return json.dumps({"ok": value}).encode()
+def reply_ok(value: Any, **extra: Any) -> bytes:
+    return json.dumps({"ok": value, **extra}).encode()
 
 
 def reply_error(exc: BaseException) -> bytes:

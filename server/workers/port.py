@@ -211,9 +211,12 @@ class WorkerPort:
     async def _control(self, channel, tag: int, body: bytes) -> None:
         try:
             method, args = calls.parse_request(body)
-            reply = calls.reply_ok(await calls.serve(self.hub.dataplane, method, args))
+            result = await calls.serve(self.hub.dataplane, method, args)
             if method == "trace_settings":
-                self.hub.push_state()  # tracing may have been switched on or off
+                self.hub.push_state()  # tracing may have been switched on or off: every worker hears
+                reply = calls.reply_ok(result, tracing_on=self.hub.tracing.on)
+            else:
+                reply = calls.reply_ok(result)
         except Exception as exc:  # noqa: BLE001 - the error is the answer
             if not isinstance(exc, ServingError):
                 log.error("engine call from frontend worker %d failed", self.slot, exc_info=exc)

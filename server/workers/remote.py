@@ -109,9 +109,15 @@ class RemoteDataPlane:
     async def _beat(self) -> None:
         interval = min(0.5, self._timeout / 4)
         while True:
+            slept = time.monotonic()
             await asyncio.sleep(interval)
+            now = time.monotonic()
             self._send(wire.PING, 0)
-            silent = time.monotonic() - self._last_pong
+            if now - slept > 2 * interval:
+                # this worker's own loop was held up (a long blocking call, a starved CPU): the
+                # engine's answers may be waiting unread in the socket, so judge it next round
+                continue
+            silent = now - self._last_pong
             if silent > self._timeout and self._down is None:
                 self._set_down(f"the inference engine has not answered for {silent:.1f}s (frontend worker "
                                f"{self.slot})")
@@ -294,7 +300,14 @@ class RemoteDataPlane:
         return self._call("repository_index", ready_only)
 
     def trace_settings(self, model: str = "", changes: dict | None = None, update: bool = False) -> dict:
-        return self._call("trace_settings", model, changes, update)
+        if self._down is not None:
+            raise unavailable(self._down)
+        reply = self._calls.call(wire.CONTROL, next(self._tags),
+                                 calls.request("trace_settings", model, changes, update))
+        tracing_on = json.loads(reply).get("tracing_on")
+        if tracing_on is not None:  # this worker's next request already sees the change
+            self._state = {**self._state, "tracing_on": tracing_on}
+        return calls.decode("trace_settings", reply)
 
     # -- model control (async: a load may take long; the worker's loop keeps serving) ---------
 
