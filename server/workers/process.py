@@ -27,7 +27,7 @@ LINGER = 2.0  # seconds a worker whose engine is gone keeps answering UNAVAILABL
 def main(config: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
-        level=logging.DEBUG if config.get("log_verbose") else logging.INFO,
+        level=logging.DEBUG if config["settings"].log_verbose else logging.INFO,
         format=f"%(asctime)s %(levelname)s worker{config['slot']} %(name)s: %(message)s",
     )
     try:
@@ -42,13 +42,13 @@ async def _serve(config: dict[str, Any]) -> None:
     await plane.connect()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, plane.stopped.set)
-    host, limit = config["host"], config["max_message_bytes"]
+    s = config["settings"]
     grpc = http = None
-    if config["allow_grpc"]:
-        grpc = GrpcFrontend(plane, f"{host}:{config['grpc_port']}", limit, reuse_port=True)
+    if s.allow_grpc:
+        grpc = GrpcFrontend(plane, f"{s.host}:{s.grpc_port}", s.grpc_max_message_bytes, reuse_port=True)
         await grpc.start()
-    if config["allow_http"]:
-        http = HttpFrontend(plane, host, config["http_port"], limit, reuse_port=True)
+    if s.allow_http:
+        http = HttpFrontend(plane, s.host, s.http_port, s.grpc_max_message_bytes, reuse_port=True)
         await http.start()
     plane._send(wire.UP, 0)
     await plane.stopped.wait()

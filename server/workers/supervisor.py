@@ -92,10 +92,8 @@ class Supervisor:
             "request_arena": port.request_shm.name, "response_arena": port.response_shm.name,
             "engine_timeout": s.frontend_worker_engine_timeout_secs,
             "max_inflight": s.frontend_worker_max_inflight,
-            "host": s.host, "grpc_port": s.grpc_port, "http_port": s.http_port,
-            "allow_grpc": s.allow_grpc, "allow_http": s.allow_http,
-            "max_message_bytes": s.grpc_max_message_bytes,
-            "log_verbose": s.log_verbose,
+            # the whole Settings (a dataclass, pickled once by spawn): the frontends read theirs from it
+            "settings": s,
         }
         proc = self._ctx.Process(target=process.main, args=(config,), name=f"inferd-worker-{slot}",
                                  daemon=True)
