@@ -250,3 +250,26 @@ def test_a_response_template_round_trip(buf):
                                          {1: templates.Template.parse(sent.describe())}, buf)
     assert (got.model_name, got.model_version, got.id, got.final, got.error) == ("m", "1", "r", True, None)
     assert got.outputs[0].data.tolist() == [[0, 1, 2]] and views.block == block
+
+
+def test_the_remote_data_plane_has_every_method_of_the_data_plane():
+    """The frontends call a worker's RemoteDataPlane exactly as they call the DataPlane: a method or
+    attribute added to the DataPlane must be forwarded too (calls.py and remote.py), or a frontend
+    using it breaks only when workers are on."""
+    import ast
+    import inspect
+
+    from server.dataplane import DataPlane
+    from server.workers.remote import RemoteDataPlane
+
+    def public(cls) -> set[str]:
+        names = {name for name in dir(cls) if not name.startswith("_")}
+        init = ast.parse(inspect.getsource(cls.__init__).strip())  # attributes set per instance
+        names |= {t.attr for node in ast.walk(init) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                  for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                  if isinstance(t, ast.Attribute) and not t.attr.startswith("_")}
+        return names
+
+    # strict_readiness is the engine's own setting: a worker answers readiness from the engine's state
+    missing = public(DataPlane) - public(RemoteDataPlane) - {"strict_readiness"}
+    assert not missing, f"RemoteDataPlane lacks {sorted(missing)}"
