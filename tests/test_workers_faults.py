@@ -268,3 +268,18 @@ def test_shared_memory_and_rss_stay_flat_over_20k_requests(two_workers):
     assert shm1 - shm0 <= 256 << 10, (shm0, shm1)  # blocks are reused, not carved anew
     assert shm1 <= 4 << 20, shm1  # a few pages per arena, not a footprint per request
     assert rss1 - rss0 < 24 << 10, (rss0, rss1)  # kB: no per-request leak in any process
+
+
+def test_a_taken_port_stops_the_start_with_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:  # a plain listener (no SO_REUSEPORT) holds the gRPC port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = ServerProcess([ROOT / "model_repository"], "--frontend-workers", "2")
+        proc.args[proc.args.index("--grpc-port") + 1] = str(taken.getsockname()[1])
+        proc.start(tmp_path / "inferd.log", wait_ready=False)
+        code = proc.proc.wait(60)
+    assert code != 0
+    assert "exited with 1 before it was listening" in proc.log(), proc.log()[-3000:]
+    assert not list(SHM.glob(f"inferd-w{proc.proc.pid}-*"))

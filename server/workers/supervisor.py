@@ -51,6 +51,8 @@ class Supervisor:
         self._up = asyncio.Event()
         self._ctx = multiprocessing.get_context("spawn")
         self._housekeeping: asyncio.Task | None = None
+        self._starting = True  # a worker that exits before every worker listens stops the start
+        self._start_failure = ""
         self.restarted = 0
 
     # -- start -------------------------------------------------------------------------------
@@ -66,9 +68,9 @@ class Supervisor:
         self._housekeeping = self.loop.create_task(self._tidy())
         deadline = time.monotonic() + START_TIMEOUT
         while not all(p.up for p in self.ports.values()):
-            if any(proc.exitcode is not None for proc in self.procs.values()):
+            if self._start_failure:
                 await self.stop(0)
-                raise SystemExit("inferd: a frontend worker exited before it was listening (its error is "
+                raise SystemExit(f"inferd: {self._start_failure} before it was listening (its error is "
                                  "logged above)")
             if time.monotonic() > deadline:
                 await self.stop(0)
@@ -78,6 +80,7 @@ class Supervisor:
                 await asyncio.wait_for(self._up.wait(), 0.2)
             except asyncio.TimeoutError:
                 pass
+        self._starting = False
         log.info("%d frontend worker processes listening (gRPC %s, HTTP %s)", self.count,
                  self.settings.grpc_port if self.settings.allow_grpc else "off",
                  self.settings.http_port if self.settings.allow_http else "off")
@@ -148,11 +151,15 @@ class Supervisor:
 
     def _exited(self, slot: int, proc) -> None:
         self.loop.remove_reader(proc.sentinel)
-        proc.join(0)
+        proc.join(1.0)  # its sentinel closes as it exits: reaping it takes a moment at most
         port = self.ports.get(slot)
         if port is not None and port.pid == proc.pid:
             port.retire()
         if self._stopping:
+            return
+        if self._starting:  # e.g. its port is taken: restarting it would fail the same way
+            self._start_failure = f"frontend worker {slot} (pid {proc.pid}) exited with {proc.exitcode}"
+            self._up.set()
             return
         log.error("frontend worker %d (pid %d) exited with %s; restarting it", slot, proc.pid, proc.exitcode)
         recent = [t for t in self._restarts.get(slot, []) if time.monotonic() - t < 30.0]
