@@ -27,6 +27,7 @@ from server.telemetry.canary_metrics import CanaryCollector
 from server.telemetry.cost import CostBook
 from server.telemetry.metrics import Metrics, MetricsServer
 from server.telemetry.tracing import Tracing
+from server.workers.supervisor import Supervisor
 
 log = logging.getLogger("inferd")
 
@@ -66,6 +67,7 @@ class App:
         self.grpc: GrpcFrontend | None = None
         self.http: HttpFrontend | None = None
         self.poller: RepositoryPoller | None = None
+        self.workers: Supervisor | None = None  # --frontend-workers: the frontends run in worker processes
         self._stop = asyncio.Event()
         self._signals = 0
 
@@ -75,10 +77,13 @@ class App:
         if self.metrics is not None:
             self.metrics_server = MetricsServer(self.metrics, s.host, s.metrics_port, self.security)
             await self.metrics_server.start()
-        if s.allow_grpc:
+        if s.frontend_workers:  # this process is the engine; the workers answer probes while models load
+            self.workers = Supervisor(self.dataplane, self.tracing, s)
+            await self.workers.start()
+        if s.allow_grpc and not s.frontend_workers:
             self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_limits(), self.security)
             await self.grpc.start()
-        if s.allow_http:  # same loop, same data plane; answers probes (not ready) while models load
+        if s.allow_http and not s.frontend_workers:  # same loop, same data plane; answers probes while loading
             self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.http_limits(), self.security)
             await self.http.start()
         await self._initial_load()
@@ -88,6 +93,8 @@ class App:
         self.dataplane.started = True
         if self.grpc:
             await self.grpc.sync_health()
+        if self.workers:
+            self.workers.push_state()
         log.info("inferd ready")
 
     async def _initial_load(self) -> None:
@@ -132,6 +139,8 @@ class App:
         self.dataplane.draining = True
         if self.grpc:
             await self.grpc.health.enter_graceful_shutdown()
+        if self.workers:
+            self.workers.push_state()
         if self.poller:
             await self.poller.stop()
         try:
@@ -139,6 +148,8 @@ class App:
         except asyncio.TimeoutError:
             log.warning("exit timeout reached with requests still in flight: they are cancelled")
         log.info("drained; closing the frontends")
+        if self.workers:
+            await self.workers.stop(grace=min(1.0, max(0.1, deadline - time.monotonic())))
         if self.grpc:  # the drained responses are written by now; a short grace lets them flush
             await self.grpc.stop(grace=min(1.0, max(0.1, deadline - time.monotonic())))
         if self.http:  # after the drain: readiness stays observable (503) until then

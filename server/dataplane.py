@@ -53,7 +53,7 @@ class DataPlane:
         self.draining = False
         self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
         # system shared-memory regions (server/shm.py); registering needs --allow-client-shm
-        self.shm = SharedMemoryRegistry(allow_client_shm)
+        self._shm = SharedMemoryRegistry(allow_client_shm)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -203,14 +203,14 @@ class DataPlane:
     # -- system shared memory extension (server/shm.py) --------------------------------------
 
     def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        self.shm.register(name, key, offset, byte_size)
+        self._shm.register(name, key, offset, byte_size)
 
     def shm_unregister(self, name: str = "") -> None:
-        self.shm.unregister(name)
+        self._shm.unregister(name)
 
     def shm_status(self, name: str = "") -> list[dict]:
         """[{name, key, offset, byte_size}] of one region or of all (sorted by name)."""
-        return self.shm.status(name)
+        return self._shm.status(name)
 
     # -- trace extension ---------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class DataPlane:
         if not isinstance(want, bool):
             raise invalid(f"parameter '{COST}' must be a boolean (true returns the request's cost in the "
                           f"response parameters), got {want!r}")
-        binding = self.shm.bind(request, mv.config.name)  # shared-memory inputs become views
+        binding = self._shm.bind(request, mv.config.name)  # shared-memory inputs become views
         try:
             inputs = validation.check_inputs(mv.config, request)
             outputs = validation.check_outputs(mv.config, request.outputs)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.frontends.limits import GrpcLimits, HttpLimits
+from server.limits import GrpcLimits, HttpLimits
 from server.telemetry import trace_config
 
 MAX_MESSAGE = 2**31 - 1  # what Triton and tritonclient use
@@ -95,6 +95,12 @@ class Settings:
     tenant_max_concurrent: int = 0
     model_max_inflight: int = 0
 
+    # frontend worker processes (server/workers, docs/workers.md); 0: one process serves everything
+    frontend_workers: int = 0
+    frontend_worker_shm_mb: int = 64
+    frontend_worker_engine_timeout_secs: float = 5.0
+    frontend_worker_max_inflight: int = 8192
+
     def http_limits(self) -> HttpLimits:
         return HttpLimits(self.http_max_input_size, self.http_header_timeout_secs,
                           self.http_keepalive_timeout_secs, self.http_read_timeout_secs, self.http_max_connections)
@@ -172,8 +178,40 @@ def parser() -> argparse.ArgumentParser:
                         "rate=N (1 in N), count=N, mode=opentelemetry, opentelemetry,url=HOST:PORT, "
                         "opentelemetry,resource=K=V, opentelemetry,bsp_schedule_delay=MS ...; "
                         "the OTEL_* environment variables apply too (docs/tracing.md)")
+    p.add_argument("--frontend-workers", default="auto", metavar="N|auto",
+                   help="processes that accept and decode gRPC/REST traffic on the same ports while this "
+                        "process runs the models (docs/workers.md); 0: one process; auto (default): 0 below "
+                        f"{WORKERS_MIN_CORES} usable cores, else usable cores - {WORKERS_ENGINE_CORES}")
+    p.add_argument("--frontend-worker-shm-mb", type=int, default=64,
+                   help="shared memory per worker and direction for tensors (MiB; larger ones go inline)")
+    p.add_argument("--frontend-worker-engine-timeout-secs", type=float, default=5.0,
+                   help="a worker answers UNAVAILABLE when the engine has not answered for this long")
+    p.add_argument("--frontend-worker-max-inflight", type=int, default=8192,
+                   help="requests in flight per worker before it answers UNAVAILABLE (engine full)")
     _security_flags(p)
     return p
+
+
+WORKERS_MIN_CORES = 4  # below this, worker processes only compete with the engine for the same cores
+WORKERS_ENGINE_CORES = 2  # the engine's event loop, and at least one core for model compute threads
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def frontend_workers(value: str, cores: int | None = None) -> int:
+    """'N' as given; 'auto': 0 below 4 usable cores, else usable cores minus the engine's two."""
+    cores = usable_cores() if cores is None else cores
+    if value.strip().lower() == "auto":
+        return 0 if cores < WORKERS_MIN_CORES else cores - WORKERS_ENGINE_CORES
+    count = int(value)
+    if count < 0:
+        raise ValueError(value)
+    return count
 
 
 def _security_flags(p: argparse.ArgumentParser) -> None:
@@ -265,6 +303,21 @@ def from_args(argv: list[str] | None = None) -> Settings:
         log_verbose=args.log_verbose,
         trace_config=args.trace_config,
     )
+    try:
+        settings.frontend_workers = frontend_workers(args.frontend_workers)
+    except ValueError:
+        p.error(f"--frontend-workers must be a number >= 0 or 'auto', got '{args.frontend_workers}'")
+    settings.frontend_worker_shm_mb = args.frontend_worker_shm_mb
+    settings.frontend_worker_engine_timeout_secs = args.frontend_worker_engine_timeout_secs
+    settings.frontend_worker_max_inflight = args.frontend_worker_max_inflight
+    ports = [port for port, on in ((settings.grpc_port, settings.allow_grpc),
+                                   (settings.http_port, settings.allow_http)) if on]
+    if 0 in ports and args.frontend_workers.strip().lower() == "auto":
+        settings.frontend_workers = 0  # a port 0 is one process's own: 'auto' then means no workers
+    if settings.frontend_workers:  # the workers all bind the same ports: a port 0 would give each its own
+        if 0 in ports or settings.frontend_worker_shm_mb < 1:
+            p.error("--frontend-workers needs fixed --grpc-port/--http-port (not 0) and "
+                    "--frontend-worker-shm-mb >= 1")
     try:  # a bad item stops the start with its name, not a traceback later
         trace_config.parse(settings.trace_config)
     except ValueError as exc:

@@ -5,6 +5,7 @@ every refusal, and unregistering a region a request is still using."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import threading
@@ -38,7 +39,7 @@ def shm_server(tmp_path_factory):
     onnx_models.identity(repo / "identity_bytes" / "1" / "model.onnx", "BYTES", ("batch", 1))
     (repo / "identity_bytes" / "config.pbtxt").write_text("max_batch_size: 8\ninstance_group [ { count: 1 } ]\n")
     shutil.copytree(ROOT / "tests" / "triton_models" / "slow", repo / "slow")
-    proc = ServerProcess([repo], "--allow-client-shm=true")
+    proc = ServerProcess([repo], "--allow-client-shm=true", *os.environ.get("INFERD_TEST_SHM_ARGS", "").split())
     proc.start(tmp_path_factory.mktemp("logs") / "inferd-shm.log")
     yield proc
     proc.stop()

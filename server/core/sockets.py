@@ -41,7 +41,7 @@ class ListeningSocket(socket.socket):
             raise
 
 
-def listen(host: str, port: int, backlog: int = 128) -> ListeningSocket:
+def listen(host: str, port: int, backlog: int = 128, reuse_port: bool = False) -> ListeningSocket:
     """A bound, listening, non-blocking TCP socket for ``host:port`` (the first address it resolves to)."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -49,6 +49,8 @@ def listen(host: str, port: int, backlog: int = 128) -> ListeningSocket:
     sock = ListeningSocket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # frontend worker processes share the port (docs/workers.md)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)

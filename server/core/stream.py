@@ -125,8 +125,14 @@ class _Sink:
     def _hooks(self, item: Item, index: int) -> None:
         if self.on_response is not None:
             self.on_response(index, item)
-        if item[2] and self.on_final is not None:
-            self.on_final(item[3])
+        if item[2]:
+            if self.on_final is not None:
+                self.on_final(item[3])
+            # the request is over: nothing left to cancel. Dropping the hooks breaks the cycle
+            # sink -> scheduler callback -> queued item -> sink, so the request's tensors are freed
+            # now rather than at a later garbage collection (frontend workers reuse that memory)
+            self._callbacks = None
+            self.on_final = self.on_response = None
 
 
 class UnaryResponse(_Sink):

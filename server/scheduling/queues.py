@@ -7,6 +7,7 @@ import asyncio
 import heapq
 import itertools
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -20,7 +21,7 @@ class Pending:
 
     __slots__ = (
         "id", "inputs", "size", "key", "outputs", "parameters", "sink", "level", "arrived_ns", "started_ns",
-        "last_ns", "deadline", "timeout_at", "state", "delayed", "trace", "cost",
+        "last_ns", "deadline", "timeout_at", "state", "delayed", "trace", "cost", "__weakref__",
     )
 
     def __init__(self, id: str, inputs: Mapping[str, np.ndarray], size: int, key: Any, outputs: Sequence[str],
@@ -53,7 +54,7 @@ class Queues:
         self._levels: list[deque[Pending]] = [deque() for _ in range(levels + 1)]
         self._delayed: deque[Pending] = deque()
         self._loop = loop
-        self._timers: list[tuple[float, int, Pending]] = []
+        self._timers: list[tuple[float, int, weakref.ref]] = []
         self._handle: asyncio.TimerHandle | None = None
         self._counter = itertools.count()
         self._on_expired = on_expired  # (request, now): decide what an expired request becomes
@@ -92,8 +93,11 @@ class Queues:
     # -- timers ------------------------------------------------------------------------------
 
     def _arm(self, when: float, item: Pending) -> None:
-        heapq.heappush(self._timers, (when, next(self._counter), item))
-        if self._timers[0][2] is item:
+        # a weak reference: a request that ran long before its deadline is not kept alive (with its
+        # tensors) by a timer entry that is only dropped when that deadline comes
+        count = next(self._counter)
+        heapq.heappush(self._timers, (when, count, weakref.ref(item)))
+        if self._timers[0][1] == count:
             if self._handle is not None:
                 self._handle.cancel()
             self._handle = self._loop.call_later(max(0.0, when - time.monotonic()), self._expire)
@@ -102,8 +106,9 @@ class Queues:
         self._handle = None
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, _, item = heapq.heappop(self._timers)
-            if item.state == QUEUED:
+            _, _, ref = heapq.heappop(self._timers)
+            item = ref()
+            if item is not None and item.state == QUEUED:
                 self._on_expired(item, now)
         if self._timers:
             self._handle = self._loop.call_later(max(0.0, self._timers[0][0] - now), self._expire)

@@ -12,7 +12,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.dataplane import DataPlane
-from server.frontends.limits import GrpcLimits
+from server.limits import GrpcLimits
 from server.protos import grpc_service_pb2 as pb
 
 from . import wire
@@ -40,7 +40,6 @@ def channel_options(limits: GrpcLimits) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_connection_idle_ms", limits.max_connection_idle_ms),
-        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -93,12 +92,14 @@ def _releasing(method):
 
 
 class GrpcFrontend:
-    def __init__(self, dataplane: DataPlane, address: str, limits: GrpcLimits, security=None) -> None:
+    def __init__(self, dataplane: DataPlane, address: str, limits: GrpcLimits, security=None,
+                 reuse_port: bool = False) -> None:
         self.dataplane = dataplane
         self.address = address
         # server.security.Security: TLS credentials and the key/restriction/quota interceptor
         self.credentials, interceptors = security.grpc_transport(dataplane) if security else (None, [])
-        self.server = grpc.aio.server(options=channel_options(limits), interceptors=interceptors or None)
+        options = channel_options(limits) + [("grpc.so_reuseport", 1 if reuse_port else 0)]  # workers share it
+        self.server = grpc.aio.server(options=options, interceptors=interceptors or None)
         _add_inference_service(InferenceServicer(dataplane), self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -15,7 +15,7 @@ import time
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .. import limits
+from server import limits
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from server.core import sockets
 from server.core.errors import ServingError, invalid
 from server.dataplane import DataPlane
-from server.frontends.limits import HttpLimits
+from server.limits import HttpLimits
 from server.frontends.status import http_status
 
 from . import connections, converters
@@ -161,8 +161,10 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 
 
 class HttpFrontend:
-    def __init__(self, dataplane: DataPlane, host: str, port: int, limits: HttpLimits, security=None) -> None:
+    def __init__(self, dataplane: DataPlane, host: str, port: int, limits: HttpLimits, security=None,
+                 reuse_port: bool = False) -> None:
         self.dataplane = dataplane
+        self.reuse_port = reuse_port  # frontend workers share the port
         self.host = host
         self.port = port
         self.limits = limits
@@ -191,7 +193,7 @@ class HttpFrontend:
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
         try:
-            sock = sockets.listen(self.host, self.port)
+            sock = sockets.listen(self.host, self.port, reuse_port=self.reuse_port)
             site = self._site = web.SockSite(self._runner, sock, shutdown_timeout=1.0, ssl_context=ssl_context)
             await site.start()
         except OSError as exc:

@@ -1,0 +1,92 @@
+"""A framed message connection over a Unix stream socket (asyncio protocol, both sides).
+
+Incoming bytes are cut into frames (wire.HEAD + body) and handed to ``on_frame``. Outgoing frames
+are coalesced: everything sent during one event-loop iteration leaves in one write, so a burst of
+responses costs one system call, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+HIGH_WATER = 64 << 20  # bytes queued for the peer before "full"
+
+
+class FrameProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.paused = False  # the peer reads slower than we write
+        self.closed = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos, size, head = 0, len(buf), wire.HEAD.size
+        while size - pos >= head:
+            length, kind, tag = wire.HEAD.unpack_from(buf, pos)
+            end = pos + head + length
+            if end > size:
+                break
+            body = bytes(buf[pos + head:end])
+            pos = end
+            try:
+                self.on_frame(kind, tag, body)
+            except Exception:  # noqa: BLE001 - one bad frame must not end the connection's other requests
+                log.exception("worker channel: frame kind %d failed", kind)
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.on_lost()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    # -- ours --------------------------------------------------------------------------------
+
+    def on_frame(self, kind: int, tag: int, body: bytes) -> None:
+        raise NotImplementedError
+
+    def on_lost(self) -> None:
+        pass
+
+    def send(self, kind: int, tag: int, body: bytes = b"") -> None:
+        if self.closed or self.transport is None:
+            return
+        self._out.append(wire.HEAD.pack(len(body), kind, tag))
+        if body:
+            self._out.append(body)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and not self.closed and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
