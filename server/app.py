@@ -13,6 +13,7 @@ import time
 from server.core.errors import ServingError
 from server.dataplane import DataPlane
 from server.ensemble import EnsembleServing
+from server.frontends.base import Frontend
 from server.frontends.grpc.server import GrpcFrontend
 from server.frontends.http.server import HttpFrontend
 from server.repository import single
@@ -64,6 +65,7 @@ class App:
         self.metrics_server: MetricsServer | None = None
         self.dataplane = DataPlane(self.repository, self.tracing, settings.model_control_mode,
                                    settings.strict_readiness, allow_client_shm=settings.allow_client_shm)
+        self.frontends: list[Frontend] = []  # started in order, stopped in order after the drain
         self.grpc: GrpcFrontend | None = None
         self.http: HttpFrontend | None = None
         self.poller: RepositoryPoller | None = None
@@ -79,22 +81,22 @@ class App:
             await self.metrics_server.start()
         if s.frontend_workers:  # this process is the engine; the workers answer probes while models load
             self.workers = Supervisor(self.dataplane, self.tracing, s)
-            await self.workers.start()
+            self.frontends.append(self.workers)
         if s.allow_grpc and not s.frontend_workers:
             self.grpc = GrpcFrontend(self.dataplane, f"{s.host}:{s.grpc_port}", s.grpc_limits(), self.security)
-            await self.grpc.start()
+            self.frontends.append(self.grpc)
         if s.allow_http and not s.frontend_workers:  # same loop, same data plane; answers probes while loading
             self.http = HttpFrontend(self.dataplane, s.host, s.http_port, s.http_limits(), self.security)
-            await self.http.start()
+            self.frontends.append(self.http)
+        for frontend in self.frontends:
+            await frontend.start()
         await self._initial_load()
         if s.model_control_mode == "poll":
             self.poller = RepositoryPoller(self.repository, s.repository_poll_secs)
             self.poller.start()
         self.dataplane.started = True
-        if self.grpc:
-            await self.grpc.sync_health()
-        if self.workers:
-            self.workers.push_state()
+        for frontend in self.frontends:
+            await frontend.state_changed()
         log.info("inferd ready")
 
     async def _initial_load(self) -> None:
@@ -137,10 +139,8 @@ class App:
         queued and in-flight requests finish, then close; all within --exit-timeout-secs."""
         deadline = time.monotonic() + self.settings.exit_timeout_secs
         self.dataplane.draining = True
-        if self.grpc:
-            await self.grpc.health.enter_graceful_shutdown()
-        if self.workers:
-            self.workers.push_state()
+        for frontend in self.frontends:
+            await frontend.state_changed()
         if self.poller:
             await self.poller.stop()
         try:
@@ -148,12 +148,8 @@ class App:
         except asyncio.TimeoutError:
             log.warning("exit timeout reached with requests still in flight: they are cancelled")
         log.info("drained; closing the frontends")
-        if self.workers:
-            await self.workers.stop(grace=min(1.0, max(0.1, deadline - time.monotonic())))
-        if self.grpc:  # the drained responses are written by now; a short grace lets them flush
-            await self.grpc.stop(grace=min(1.0, max(0.1, deadline - time.monotonic())))
-        if self.http:  # after the drain: readiness stays observable (503) until then
-            await self.http.stop()
+        for frontend in self.frontends:  # the drained responses are written by now: a short grace flushes them
+            await frontend.stop(grace=min(1.0, max(0.1, deadline - time.monotonic())))
         if self.metrics_server:  # last: the drain stays observable
             await self.metrics_server.stop()
         await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still queued

@@ -36,7 +36,8 @@ def test_model_file_at_root(tmp_path):
     assert found.kind == single.MODEL_FILE and found.model_file == root / "model.onnx"
     [repo] = single.prepare([root], "add-sub", tmp_path / "work")
     served = repo / "add-sub" / "1" / "model.onnx"
-    assert served.is_symlink() and served.resolve() == (root / "model.onnx").resolve()
+    # version 1 is a link to the folder itself: followed, the file stays inside its version folder
+    assert (repo / "add-sub" / "1").is_symlink() and served.resolve() == (root / "model.onnx").resolve()
     # the generated repository loads like any other, its config completed from the ONNX file
     result = load_model(repo / "add-sub", LoadOptions(cores=1))
     try:
@@ -57,8 +58,9 @@ def test_any_onnx_name_with_its_external_data(tmp_path):
     assert found.kind == single.MODEL_FILE and found.model_file.name == "resnet.onnx"
     [repo] = single.prepare([root], "resnet", tmp_path / "work")
     version = repo / "resnet" / "1"
-    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "resnet.onnx", "resnet.onnx.data"]
-    assert (version / "model.onnx").resolve() == (root / "resnet.onnx").resolve()
+    assert sorted(p.name for p in version.iterdir()) == ["resnet.onnx", "resnet.onnx.data"]
+    config = (repo / "resnet" / "config.pbtxt").read_text()  # the file is named in a generated config
+    assert 'default_model_filename: "resnet.onnx"' in config and 'backend: "onnxruntime"' in config
 
 
 def test_root_that_is_the_model_file_itself(tmp_path):
@@ -66,7 +68,8 @@ def test_root_that_is_the_model_file_itself(tmp_path):
     found = single.detect(model)
     assert found.kind == single.MODEL_FILE
     [repo] = single.prepare([model], "", tmp_path / "work")
-    assert (repo / single.DEFAULT_NAME / "1" / "model.pt").resolve() == model.resolve()
+    assert (repo / single.DEFAULT_NAME / "1" / "weights.pt").resolve() == model.resolve()
+    assert 'default_model_filename: "weights.pt"' in (repo / single.DEFAULT_NAME / "config.pbtxt").read_text()
 
 
 def test_version_folders_at_root(tmp_path):
@@ -109,7 +112,8 @@ def test_config_and_model_file_at_root(tmp_path):
     assert found.kind == single.MODEL_FILE and found.config is not None
     [repo] = single.prepare([root], "m", tmp_path / "work")
     assert (repo / "m" / "config.pbtxt").resolve() == (root / "config.pbtxt").resolve()
-    assert sorted(p.name for p in (repo / "m" / "1").iterdir()) == ["model.onnx"]
+    # version 1 is the folder itself (config.pbtxt there is ignored by the loader)
+    assert sorted(p.name for p in (repo / "m" / "1").iterdir()) == ["config.pbtxt", "model.onnx"]
 
 
 def test_repository_is_served_as_is(tmp_path):

@@ -159,14 +159,14 @@ def to_bytes_array(items: Iterable[object], count: int) -> np.ndarray:
     return out
 
 
-def encode_raw(array: np.ndarray, datatype: str) -> bytes:
-    """Array -> raw wire bytes (row-major, little-endian)."""
+def encode_raw(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    """Array -> its raw wire bytes (row-major, little-endian; BYTES length-prefixed): a view over the
+    array when it is already contiguous and of the datatype's dtype (no copy), else a converted copy.
+    The one encoding both transports use (gRPC raw_output_contents, REST binary blobs)."""
     if datatype == "BYTES":
         return serialize_bytes(array)
-    target = NUMPY_DTYPES[datatype]
-    if array.dtype != target:
-        array = array.astype(target)
-    return np.ascontiguousarray(array).tobytes()
+    array = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype])
+    return array.reshape(-1).view(np.uint8).data
 
 
 def float32_to_bf16(values: np.ndarray) -> np.ndarray:

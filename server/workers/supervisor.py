@@ -134,6 +134,9 @@ class Supervisor:
             "changes": dp.changes.count, "control_mode": dp.control_mode,
         }).encode()
 
+    async def state_changed(self) -> None:
+        self.push_state()
+
     def push_state(self) -> None:
         state = self.state()
         for port in self.ports.values():

@@ -97,7 +97,7 @@ def from_response(response: InferResponse) -> pb.ModelInferResponse:
     for tensor in response.outputs:
         out.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         # an output written to shared memory has an empty raw entry (Triton: one entry per output)
-        out.raw_output_contents.append(b"" if tensor.in_shm else dtypes.encode_raw(tensor.data, tensor.datatype))
+        out.raw_output_contents.append(b"" if tensor.in_shm else bytes(dtypes.encode_raw(tensor.data, tensor.datatype)))
     for key, value in response.parameters.items():
         set_param(out.parameters[key], value)
     return out
@@ -111,18 +111,10 @@ def unary_response(response: InferResponse) -> UnaryReply:
     blobs = []
     for tensor in response.outputs:
         header.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        blobs.append(_blob(tensor.data, tensor.datatype))
+        blobs.append(dtypes.encode_raw(tensor.data, tensor.datatype))
     for key, value in response.parameters.items():
         set_param(header.parameters[key], value)
     return UnaryReply(header, blobs)
-
-
-def _blob(array: np.ndarray, datatype: str) -> bytes | memoryview:
-    """The output's wire bytes; a view over the array when it is already contiguous and typed."""
-    if datatype == "BYTES":
-        return dtypes.serialize_bytes(array)
-    array = np.ascontiguousarray(array, dtype=dtypes.NUMPY_DTYPES[datatype])
-    return array.reshape(-1).view(np.uint8).data
 
 
 def set_param(p: pb.InferParameter, value) -> None:

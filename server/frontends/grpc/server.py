@@ -146,6 +146,12 @@ class GrpcFrontend:
             seen = await changes.wait(seen)
             await self.sync_health()
 
+    async def state_changed(self) -> None:
+        if self.dataplane.draining:  # health answers NOT_SERVING from now on; calls still answer
+            await self.health.enter_graceful_shutdown()
+        else:
+            await self.sync_health()
+
     async def stop(self, grace: float | None) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()

@@ -330,14 +330,6 @@ async def encode_infer_async(
 # ---------------------------------------------------------------- response
 
 
-def raw_blob(tensor: Tensor) -> bytes | memoryview:
-    """The output's wire bytes; a view over the array when it is already contiguous and typed."""
-    if tensor.datatype == "BYTES":
-        return dtypes.serialize_bytes(tensor.data)
-    array = np.ascontiguousarray(tensor.data, dtype=dtypes.NUMPY_DTYPES[tensor.datatype])
-    return array.reshape(-1).view(np.uint8).data
-
-
 def json_data(tensor: Tensor) -> object:
     """The output's flat JSON ``data`` (Triton emits flat arrays; clients reshape by ``shape``)."""
     name, datatype = tensor.name, tensor.datatype
@@ -371,7 +363,7 @@ def encode_infer(response: InferResponse, fmt: OutputFormat) -> tuple[bytes, lis
         if tensor.in_shm:  # written into the caller's shared memory: no data here (as Triton)
             pass
         elif fmt.is_binary(tensor.name):
-            blob = raw_blob(tensor)
+            blob = dtypes.encode_raw(tensor.data, tensor.datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

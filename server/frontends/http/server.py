@@ -204,7 +204,11 @@ class HttpFrontend:
         self.port = self._runner.addresses[0][1]
         log.info("HTTP listening on %s:%d", self.host, self.port)
 
-    async def stop(self) -> None:
+    async def state_changed(self) -> None:
+        """Nothing to publish: readiness is read per probe, and while draining every answer carries
+        Connection: close."""
+
+    async def stop(self, grace: float = 1.0) -> None:
         """Stop listening, let each keep-alive connection finish the request it has (answered with
         ``Connection: close`` while the server drains), close the quiet ones, then clean up."""
         if self._site is not None:
