@@ -99,3 +99,19 @@ def split_binary(answer: Answer) -> tuple[dict, dict[str, bytes]]:
             offset += size
     assert offset == len(body), f"{len(body) - offset} bytes after the last blob"
     return doc, blobs
+
+
+def scrape(proc) -> str:
+    """The server's Prometheus exposition (a real scrape of its metrics port)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def sample(text: str, prefix: str) -> float:
+    """The value of the first sample line starting with ``prefix`` (0.0 when there is none)."""
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

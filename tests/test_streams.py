@@ -5,7 +5,6 @@ response statistics and the first-response histogram."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import socket
@@ -19,7 +18,7 @@ import pytest
 from server.protos import grpc_service_pb2 as pb
 from server.protos import grpc_service_pb2_grpc as pb_grpc
 from tests.harness import ROOT, ServerProcess
-from tests.http_helpers import call, post_json
+from tests.http_helpers import call, post_json, sample, scrape
 
 
 @pytest.fixture(scope="module")
@@ -155,22 +154,10 @@ def test_generate_one_response(stream_server):
     assert answer.status == 200 and doc["OUTPUT0"] == [2, 3, 4, 5] and doc["OUTPUT1"] == [0, 1, 2, 3]
 
 
-def _metrics(proc) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10) as reply:
-        return reply.read().decode()
-
-
-def _sample(text: str, prefix: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_disconnecting_client_cancels_the_stream(stream_server):
     sent = 'repeat_sent{model="repeat"}'
     cancelled = 'repeat_cancelled{model="repeat"}'
-    before = _metrics(stream_server)
+    before = scrape(stream_server)
     host, port = stream_server.http_url.split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     body = json.dumps({"IN": list(range(300)), "DELAY_MS": 20}).encode()
@@ -182,10 +169,10 @@ def test_disconnecting_client_cancels_the_stream(stream_server):
     assert received.startswith(b"HTTP/1.1 200")
     sock.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 5
-    while _sample(_metrics(stream_server), cancelled) < _sample(before, cancelled) + 1:
+    while sample(scrape(stream_server), cancelled) < sample(before, cancelled) + 1:
         assert time.monotonic() < deadline, "the model never saw the cancellation"
         time.sleep(0.1)
-    produced = _sample(_metrics(stream_server), sent) - _sample(before, sent)
+    produced = sample(scrape(stream_server), sent) - sample(before, sent)
     assert produced < 50, produced  # it stopped, not ran to its 300 responses
 
 
@@ -200,8 +187,8 @@ def test_statistics_and_first_response_histogram(stream_server, stub):
     with urllib.request.urlopen(f"http://{stream_server.http_url}/v2/models/count/stats", timeout=10) as reply:
         rest = json.loads(reply.read())["model_stats"][0]["response_stats"]
     assert rest["0"]["success"]["count"] == responses["0"].success.count
-    text = _metrics(stream_server)
-    assert _sample(text, 'nv_inference_first_response_histogram_ms_count{model="count",version="1"}') >= 2
+    text = scrape(stream_server)
+    assert sample(text, 'nv_inference_first_response_histogram_ms_count{model="count",version="1"}') >= 2
     assert 'nv_inference_first_response_histogram_ms_bucket{le="100.0",model="count",version="1"}' in text or \
         'nv_inference_first_response_histogram_ms_bucket{le="100",model="count",version="1"}' in text
 

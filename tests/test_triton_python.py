@@ -7,8 +7,6 @@ from __future__ import annotations
 import queue
 import shutil
 import time
-import urllib.request
-from functools import partial
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import ROOT, ServerProcess
+from tests.http_helpers import sample, scrape
 
 MODELS = ROOT / "tests" / "triton_models"
 
@@ -49,18 +48,6 @@ def _text(name, value, client=grpcclient):
     tensor = client.InferInput(name, [1], "BYTES")
     tensor.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
     return tensor
-
-
-def _metrics(proc) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10) as reply:
-        return reply.read().decode()
-
-
-def _sample(text: str, prefix: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 # ---------------------------------------------------------------- default mode
@@ -184,9 +171,9 @@ def test_async_execute_decoupled(triton_server):
 
 
 def test_cancelling_the_stream_stops_the_model(triton_server):
-    before = _metrics(triton_server)
-    sent0 = _sample(before, 'repeat_sent{model="repeat"}')
-    cancelled0 = _sample(before, 'repeat_cancelled{model="repeat"}')
+    before = scrape(triton_server)
+    sent0 = sample(before, 'repeat_sent{model="repeat"}')
+    cancelled0 = sample(before, 'repeat_cancelled{model="repeat"}')
     answers: queue.Queue = queue.Queue()
     c = grpcclient.InferenceServerClient(triton_server.grpc_url)
     c.start_stream(callback=lambda result, error: answers.put((result, error)))
@@ -196,12 +183,12 @@ def test_cancelling_the_stream_stops_the_model(triton_server):
     c.stop_stream(cancel_requests=True)
     c.close()
     time.sleep(0.5)
-    after = _metrics(triton_server)
-    assert _sample(after, 'repeat_cancelled{model="repeat"}') == cancelled0 + 1
-    sent = _sample(after, 'repeat_sent{model="repeat"}') - sent0
+    after = scrape(triton_server)
+    assert sample(after, 'repeat_cancelled{model="repeat"}') == cancelled0 + 1
+    sent = sample(after, 'repeat_sent{model="repeat"}') - sent0
     assert 3 <= sent < 20, sent  # it stopped long before its 200 responses
     time.sleep(0.5)
-    assert _sample(_metrics(triton_server), 'repeat_sent{model="repeat"}') - sent0 == sent  # and stays stopped
+    assert sample(scrape(triton_server), 'repeat_sent{model="repeat"}') - sent0 == sent  # and stays stopped
 
 
 def test_decoupled_models_refuse_unary_calls(triton_server):
@@ -252,11 +239,11 @@ def test_custom_metrics_and_logger(triton_server):
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as c:
         for x in (0.5, 5.0, 50.0):
             c.infer("metrics_model", [_fp32("X", [x])])
-    text = _metrics(triton_server)
-    assert _sample(text, 'custom_requests{model="m"}') == 3
-    assert _sample(text, 'custom_last_x{model="m"}') == 50.0
-    assert _sample(text, 'custom_x_bucket{le="1.0",model="m"}') == 1
-    assert _sample(text, 'custom_x_bucket{le="10.0",model="m"}') == 2
-    assert _sample(text, 'custom_x_count{model="m"}') == 3
+    text = scrape(triton_server)
+    assert sample(text, 'custom_requests{model="m"}') == 3
+    assert sample(text, 'custom_last_x{model="m"}') == 50.0
+    assert sample(text, 'custom_x_bucket{le="1.0",model="m"}') == 1
+    assert sample(text, 'custom_x_bucket{le="10.0",model="m"}') == 2
+    assert sample(text, 'custom_x_count{model="m"}') == 3
     assert "# TYPE custom_requests counter" in text
     assert "metrics_model saw 5.0" in triton_server.log_path.read_text()
