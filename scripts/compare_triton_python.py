@@ -7,10 +7,7 @@ same tritonclient calls against each, printing what differs (Triton is the groun
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,10 +18,10 @@ import tritonclient.http as httpclient
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from tests.harness import ServerProcess, free_port  # noqa: E402
+from triton_side import side_by_side  # noqa: E402
 
-ANCHOR = ROOT.parent / "shared" / "anchors" / "triton"
 # where inferd answers differently on purpose
 KNOWN = {
     "misbehave shape": "Triton passes an output of the wrong shape on; inferd checks outputs against the "
@@ -58,7 +55,7 @@ def _calls(grpc_url: str, http_url: str) -> dict:
             out[name] = ("ok", fn())
         except Exception as exc:  # noqa: BLE001 - the error is what is compared
             status = getattr(exc, "status", lambda: "")()
-            message = getattr(exc, "message", lambda: str(exc))()
+            message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
             out[name] = ("error", status, message.split("\n")[0])
 
     for client, tag in ((g, "grpc"), (h, "http")):
@@ -99,38 +96,7 @@ def _calls(grpc_url: str, http_url: str) -> dict:
 def main() -> int:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "tests" / "triton_models", repo)
-    ports = [free_port() for _ in range(3)]
-    env = {**os.environ, "TRITON_LOG": str(repo.parent / "triton.log")}
-    started = subprocess.run(["bash", str(ANCHOR / "start.sh"), str(repo), *map(str, ports)],
-                             capture_output=True, text=True, env=env)
-    if started.returncode != 0:
-        print("Triton did not start:", started.stderr[-3000:])
-        return 2
-    pid = int(started.stdout.strip().splitlines()[-1])
-    try:
-        triton = _calls(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}")
-    finally:
-        subprocess.run(["kill", str(pid)])
-    proc = ServerProcess([repo]).start(repo.parent / "inferd.log")
-    try:
-        inferd = _calls(proc.grpc_url, proc.http_url)
-    finally:
-        proc.stop()
-    differ = 0
-    for name in triton:
-        same = triton[name] == inferd[name]
-        known = next((why for key, why in KNOWN.items() if name.split(" ")[0] == key or name.startswith(key + " ")),
-                     None)
-        if not same and known:
-            print(f"{'on purpose':9} {name}: {known}")
-            continue
-        differ += not same
-        print(f"{'same' if same else 'DIFFERENT':9} {name}")
-        if not same:
-            print("   triton:", json.dumps(triton[name], default=str)[:600])
-            print("   inferd:", json.dumps(inferd[name], default=str)[:600])
-    print(f"{len(triton) - differ} of {len(triton)} calls answer the same")
-    return 1 if differ else 0
+    return side_by_side(repo, _calls, KNOWN)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,12 +21,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from server.protos import grpc_service_pb2 as pb  # noqa: E402
 from server.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from tests.harness import ServerProcess, free_port  # noqa: E402
+from triton_side import side_by_side  # noqa: E402
 
-ANCHOR = ROOT.parent / "shared" / "anchors" / "triton"
 
 
 def _request(model: str, rid: str, inputs: dict[str, list[int]], **params) -> pb.ModelInferRequest:
@@ -96,37 +94,7 @@ def _plain(reply: pb.ModelStreamInferResponse) -> dict:
 def main() -> int:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository" / "count", repo / "count")
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "TRITON_LOG": str(repo.parent / "triton.log")}
-    started = subprocess.run(["bash", str(ANCHOR / "start.sh"), str(repo), str(grpc_port), str(http_port),
-                              str(metrics_port)], capture_output=True, text=True, env=env)
-    if started.returncode != 0:
-        print("Triton did not start:", started.stderr[-2000:])
-        return 2
-    pid = int(started.stdout.strip().splitlines()[-1])
-    try:
-        triton = _run(f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}")
-    finally:
-        subprocess.run(["kill", str(pid)])
-    proc = ServerProcess([repo]).start(repo.parent / "inferd.log")
-    try:
-        inferd = _run(proc.grpc_url, proc.http_url)
-    finally:
-        proc.stop()
-    differ = 0
-    for name in triton:
-        same = triton[name] == inferd[name]
-        if not same and name in KNOWN:
-            print(f"{'on purpose':9} {name}: {KNOWN[name]}")
-            continue
-        differ += not same
-        print(f"{'same' if same else 'DIFFERENT':9} {name}")
-        if not same:
-            print("   triton:", json.dumps(triton[name], default=str)[:1500])
-            print("   inferd:", json.dumps(inferd[name], default=str)[:1500])
-    print(f"{len(triton) - differ - len(KNOWN)} of {len(triton)} cases answer the same, {len(KNOWN)} differ on "
-          f"purpose, {differ} differ")
-    return 1 if differ else 0
+    return side_by_side(repo, _run, KNOWN)
 
 
 if __name__ == "__main__":
