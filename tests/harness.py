@@ -52,7 +52,13 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=open(log_path, "wb"),
                                      stderr=subprocess.STDOUT)
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:  # a server that never got ready must not outlive its test
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                raise
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
