@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +37,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402
+from bench import free_port  # noqa: E402
+
 CACHE = ROOT / ".cache" / "bench_llm"
 # (prompt words, output tokens): short chat turns to long completions
 MIX = ((8, 16), (40, 48), (90, 96), (20, 32), (60, 64), (12, 128))
@@ -80,12 +83,6 @@ class Point:
 
 
 # ---------------------------------------------------------------- (a)-(c): inferd over HTTP
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_repository(model_dir: Path) -> Path:
@@ -130,13 +127,7 @@ class Server:
         raise TimeoutError("inferd not ready")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        bench.stop_group(self.proc)
 
 
 async def _one_http(session, url: str, i: int, point: Point, record: bool) -> None:

@@ -118,3 +118,15 @@ def models_server(test_models, tmp_path_factory):
     proc.start(tmp_path_factory.mktemp("logs") / "inferd-models.log")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_server(tmp_path_factory):
+    """inferd serving the test language model (tests/llm_helpers.py); one per test module."""
+    from tests import llm_helpers
+
+    repo = llm_helpers.llm_repository(tmp_path_factory.mktemp("llmrepo"))
+    proc = ServerProcess([repo])
+    proc.start(tmp_path_factory.mktemp("logs") / "inferd-llm.log")
+    yield proc
+    proc.stop()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
+import transformers  # noqa: F401 - dev extra: a missing dependency fails, it is not skipped
 
 from backends.llm.detok import ByteDetokenizer, Detokenizer, StopText, byte_table
 from backends.llm.engine import Engine, EngineOptions

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import json
 
+import openai  # the dev extra installs it: a missing client fails loudly, it is not skipped
 import pytest
-
-pytest.importorskip("transformers")
-openai = pytest.importorskip("openai")
+import transformers  # noqa: F401 - the llm backend needs it (dev extra)
 
 from tests import llm_helpers as h
-from tests.harness import ServerProcess
 
 PROMPT = "A language model reads a prompt"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a token?"}]
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def llm_server(tmp_path_factory):
-    repo = h.llm_repository(tmp_path_factory.mktemp("llmrepo"))
-    proc = ServerProcess([repo])
-    proc.start(tmp_path_factory.mktemp("logs") / "inferd.log")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,13 @@ import queue
 
 import numpy as np
 import pytest
-
-pytest.importorskip("transformers")
+import transformers  # noqa: F401 - the llm backend needs it (dev extra): missing fails, not skips
 import tritonclient.grpc as grpcclient
 
 from tests import llm_helpers as h
 from tests.harness import ServerProcess
 
 PROMPT = "The server listens on two ports."
-
-
-@pytest.fixture(scope="module")
-def llm_server(tmp_path_factory):
-    repo = h.llm_repository(tmp_path_factory.mktemp("llmrepo"))
-    proc = ServerProcess([repo])
-    proc.start(tmp_path_factory.mktemp("logs") / "inferd.log")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -290,7 +290,7 @@ def _exits_with(start_server, repositories, *flags) -> str:
 
 
 def test_server_repository_with_stray_files_serves_bert(start_server, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     root = tmp_path / "repo"
     offset_model(root / "bert" / "1" / "model.onnx", 7.0)  # no config.pbtxt: completed from the file
     torch.save({"weight": torch.zeros(2, 2)}, root / "bert_state.pt")  # a real leftover checkpoint
@@ -319,7 +319,6 @@ def test_server_bare_model_onnx(start_server, tmp_path):
 
 
 def test_server_bare_model_pt(start_server, tmp_path):
-    pytest.importorskip("torch")
     import torch_models as tm  # scripts/ is on sys.path via tests.harness
 
     alone = tmp_path / "alone"
