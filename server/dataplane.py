@@ -16,8 +16,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from server import __version__
-from server.core.config import ModelConfig
-from server.core.dtypes import NUMPY_DTYPES
 from server.core.errors import ErrorCode, ServingError, invalid, unavailable
 from server.core.names import check_model_name
 from server.core.stream import Item, ResponseStream, UnaryResponse
@@ -375,32 +373,8 @@ def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item) -
         try:
             for name in outputs:
                 if name in arrays:
-                    tensors.append(_output(config, name, arrays[name]))
+                    tensors.append(validation.check_output(config, name, arrays[name]))
         except ServingError as exc:
             log.error("model '%s' version %d: %s", config.name, mv.version, exc.message)
             error, tensors = exc, []
     return InferResponse(config.name, str(mv.version), request_id, tensors, dict(parameters or {}), final, error)
-
-
-def _output(config: ModelConfig, name: str, array: np.ndarray) -> Tensor:
-    spec = config.output(name)
-    if spec is None:
-        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned unknown output '{name}'")
-    expected = NUMPY_DTYPES.get(spec.datatype)
-    if expected is not None and array.dtype != expected and not (spec.datatype == "BYTES" and array.dtype.kind in "OSU"):
-        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' as {array.dtype}; "
-                           f"its configuration declares {spec.datatype}")
-    shape = list(array.shape)
-    lead = 1 if config.max_batch_size > 0 else 0
-    if spec.reshape is not None:
-        shape = shape[:lead] + list(spec.dims)
-        if int(np.prod(shape)) != array.size:
-            raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' with shape "
-                               f"{list(array.shape)}, which cannot be reshaped to {shape}")
-        array = array.reshape(shape)
-    dims = list(spec.dims)
-    if len(shape) != lead + len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape[lead:])):
-        declared = (["-1"] if lead else []) + [str(d) for d in dims]
-        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' with shape "
-                           f"{shape}; its configuration declares [{', '.join(declared)}]")
-    return Tensor(name, spec.datatype, shape, array)

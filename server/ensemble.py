@@ -35,7 +35,6 @@ from server.scheduling.serving import ServingFactory
 from server.telemetry.stats import BACKEND, CANCELED, BatchTiming, ModelStats
 
 from . import validation
-from .dataplane import _output
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +170,8 @@ class EnsembleScheduler:
             for task in running:
                 task.cancel()
             self._failed(start, CANCELED)
+            if not sink.is_cancelled() and not sink.closed:  # unloaded under it: the caller still gets an end
+                sink.send(error=unavailable(f"ensemble '{self.config.name}' was unloaded"), final=True)
             raise
         except ServingError as exc:
             for task in running:
@@ -255,7 +256,7 @@ class EnsembleScheduler:
                     continue  # a streamed response may carry some outputs only
                 raise ServingError(ErrorCode.INTERNAL, f"model '{mv.config.name}' returned no output "
                                    f"'{model_output}'")
-            out[tensor] = _output(mv.config, model_output, np.asarray(produced[model_output])).data
+            out[tensor] = validation.check_output(mv.config, model_output, np.asarray(produced[model_output])).data
         return out
 
     # -- statistics --------------------------------------------------------------------------

@@ -180,11 +180,7 @@ class Binding:
             if target is None:
                 out.append(tensor)
                 continue
-            if tensor.datatype == "BYTES":
-                raw: bytes | memoryview = dtypes.serialize_bytes(tensor.data)
-            else:
-                array = np.ascontiguousarray(tensor.data, dtype=dtypes.NUMPY_DTYPES[tensor.datatype])
-                raw = array.reshape(-1).view(np.uint8).data
+            raw = dtypes.encode_raw(tensor.data, tensor.datatype)
             if len(raw) > target.byte_size:
                 raise invalid(f"shared memory size specified with the request for output '{tensor.name}' "
                               f"({target.byte_size} bytes) should be at least {len(raw)} bytes to hold the results")

@@ -10,8 +10,9 @@ from typing import Sequence
 import numpy as np
 
 from server.core.config import ModelConfig, TensorConfig
-from server.core.errors import invalid
-from server.core.types import InferRequest, RequestedOutput
+from server.core.dtypes import NUMPY_DTYPES
+from server.core.errors import ErrorCode, ServingError, invalid
+from server.core.types import InferRequest, RequestedOutput, Tensor
 
 # reserved names the server interprets itself; other triton_* keys are refused
 _ACCEPTED_TRITON = {"triton_enable_empty_final_response"}
@@ -123,3 +124,29 @@ def check_parameters(request: InferRequest) -> bool:
         if not isinstance(empty_final, bool):
             raise invalid(f"invalid value type for '{EMPTY_FINAL}' parameter, expected bool_param.")
     return empty_final  # shared-memory parameters: the data plane's registry consumes them (server/shm.py)
+
+
+def check_output(config: ModelConfig, name: str, array: np.ndarray) -> Tensor:
+    """A backend's output checked against the configuration (datatype, shape, reshape) as a Tensor;
+    INTERNAL naming the output when the model broke its own contract."""
+    spec = config.output(name)
+    if spec is None:
+        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned unknown output '{name}'")
+    expected = NUMPY_DTYPES.get(spec.datatype)
+    if expected is not None and array.dtype != expected and not (spec.datatype == "BYTES" and array.dtype.kind in "OSU"):
+        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' as {array.dtype}; "
+                           f"its configuration declares {spec.datatype}")
+    shape = list(array.shape)
+    lead = 1 if config.max_batch_size > 0 else 0
+    if spec.reshape is not None:
+        shape = shape[:lead] + list(spec.dims)
+        if int(np.prod(shape)) != array.size:
+            raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' with shape "
+                               f"{list(array.shape)}, which cannot be reshaped to {shape}")
+        array = array.reshape(shape)
+    dims = list(spec.dims)
+    if len(shape) != lead + len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape[lead:])):
+        declared = (["-1"] if lead else []) + [str(d) for d in dims]
+        raise ServingError(ErrorCode.INTERNAL, f"model '{config.name}' returned output '{name}' with shape "
+                           f"{shape}; its configuration declares [{', '.join(declared)}]")
+    return Tensor(name, spec.datatype, shape, array)

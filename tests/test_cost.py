@@ -188,3 +188,26 @@ def test_cost_on_a_stream(cost_server):
         total += params["inferd_cost_compute_seconds"].double_param
     got = _sample(_metrics(cost_server), "inferd_cost_compute_seconds_total", model="b", caller="streamer")
     assert got == pytest.approx(total, rel=1e-6)
+
+
+def test_with_api_keys_the_key_decides_the_caller(tmp_path, start_server):
+    """A client holding tenant alice's key cannot bill bob by sending x-inferd-tenant: bob (gRPC, REST)."""
+    root = tmp_path / "repo"
+    offset_model(root / "b" / "1" / "model.onnx", 1.0)
+    (root / "b" / "config.pbtxt").write_text(_BATCHED)
+    keys = tmp_path / "keys"
+    keys.write_text("alice:alice-secret-key-0123456789\n")
+    proc = start_server([root], f"--api-key-file={keys}")
+    auth = {"authorization": "Bearer alice-secret-key-0123456789", "x-inferd-tenant": "bob"}
+    with grpcclient.InferenceServerClient(proc.grpc_url) as client:
+        inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        client.infer("b", [inp], parameters={"inferd_cost": True}, headers=auth)
+    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    request = urllib.request.Request(f"http://{proc.http_url}/v2/models/b/infer", json.dumps(body).encode(),
+                                     {"Authorization": auth["authorization"], "x-inferd-tenant": "bob"},
+                                     method="POST")
+    urllib.request.urlopen(request, timeout=30).read()
+    text = _metrics(proc)
+    assert _sample(text, "inferd_cost_compute_seconds_total", model="b", version="1", caller="alice") > 0
+    assert "caller=\"bob\"" not in text

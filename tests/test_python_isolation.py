@@ -446,3 +446,18 @@ def test_a_segment_name_outside_the_process_prefix_is_refused(tmp_path):
     np.testing.assert_array_equal(got, x)
     assert text.tolist() == [b"a", b"\xff"] and not got.flags.writeable
     assert ipc.segments("inferd-test-c-") == []  # the reader unlinked it at once
+
+
+def test_an_empty_last_tensor_crosses_the_boundary():
+    """An empty tensor after a non-empty one (an empty last output) is read back, not refused as out
+    of bounds (the segment ends where the last non-empty tensor does)."""
+    from backends.python import ipc
+
+    packed = ipc.pack([("A", "FP32", np.arange(3, dtype=np.float32)), ("B", "FP32", np.zeros(0, np.float32))],
+                      "inferd-test-e-")
+    try:
+        (_, _, a), (_, _, b) = ipc.unpack(packed, "inferd-test-e-")
+        np.testing.assert_array_equal(a, [0, 1, 2])
+        assert b.shape == (0,)
+    finally:
+        ipc.remove_segments("inferd-test-e-")

@@ -158,6 +158,9 @@ def pack(tensors: Iterable[tuple[str, str, np.ndarray]], prefix: str) -> Packed:
                 raise ServingError(ErrorCode.INTERNAL, f"tensor '{name}' has numpy dtype {data.dtype}, which has "
                                    "no protocol datatype")
             kind, size = data.dtype.str, data.nbytes
+        if size == 0:  # nothing to place: offset 0 is in bounds whatever the file's length
+            parts.append((name, datatype, kind, [int(d) for d in array.shape], 0, data))
+            continue
         parts.append((name, datatype, kind, [int(d) for d in array.shape], offset, data))
         end = offset + size
         offset += (size + _ALIGN - 1) // _ALIGN * _ALIGN

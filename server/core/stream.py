@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping
 from .errors import ErrorCode, ServingError
 
 CLOSED = "Unable to send response. Response sender has been closed."
+# responses a stream holds for a consumer that does not take them, before it cancels the request
+MAX_PENDING = 4096
 MORE_THAN_ONE = "Unable to send response. Non-decoupled model cannot send more than one response."
 FINAL_FIRST = "Unable to send response. Non-decoupled model cannot send complete final before sending a response."
 
@@ -183,6 +185,13 @@ class ResponseStream(_Sink):
         self._hooks(item, index)
         if self._cancelled:
             return
+        if len(self._items) >= MAX_PENDING and not item[2]:
+            # the consumer (a client that stopped reading) is this far behind: stop the producer
+            # rather than buffer without bound; the consumer still gets what is queued, then this error
+            self.cancel()
+            error = ServingError(ErrorCode.UNAVAILABLE, f"the client is not reading its responses: "
+                                 f"{MAX_PENDING} responses are waiting; the request was cancelled")
+            item = (None, None, True, error)
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():

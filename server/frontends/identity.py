@@ -4,8 +4,8 @@
   version while a canary runs (docs/canary.md); without it an unpinned request is routed at random.
 - ``x-inferd-tenant``: the caller, the ``caller`` label of the cost metrics (docs/cost.md).
 
-``caller`` is the one place that decides the caller's identity: an authenticating front (API keys
-mapped to tenants) replaces it and nothing else changes.
+``caller`` is the one place that decides the caller's identity: with API keys on, the tenant the key
+authenticated (server/security/tenant.py) wins over the header.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from server.core.types import InferRequest
+from server.security.tenant import AUTHENTICATED
 
 ROUTING_KEY_HEADER = "x-inferd-routing-key"
 TENANT_HEADER = "x-inferd-tenant"
@@ -22,7 +23,12 @@ Lookup = Callable[[str], str | None]
 
 
 def caller(lookup: Lookup) -> str:
-    """The caller's identity for cost accounting ("" when the request does not say)."""
+    """The caller's identity for cost accounting: the tenant an API key authenticated when keys are
+    on (a client cannot bill another tenant by sending the header), else the ``x-inferd-tenant``
+    header ("" when the request does not say)."""
+    authenticated = AUTHENTICATED.get()
+    if authenticated is not None:
+        return authenticated
     return _clean(lookup(TENANT_HEADER))
 
 

@@ -273,14 +273,17 @@ class Scheduler:
             sink = p.sink
             if p.state == DONE or sink.closed:
                 continue
-            if job.error is not None and not (sink.responded and not sink.decoupled):
-                sink.send(error=job.error, final=True)
-            elif not sink.decoupled:
-                if sink.responded:
-                    sink.send(final=True)
-                else:
-                    sink.send(error=ServingError(ErrorCode.INTERNAL, NO_RESPONSE.format(self.config.name)),
-                              final=True)
+            try:  # the backend may send the final from its own thread meanwhile: that one wins
+                if job.error is not None and not (sink.responded and not sink.decoupled):
+                    sink.send(error=job.error, final=True)
+                elif not sink.decoupled:
+                    if sink.responded:
+                        sink.send(final=True)
+                    else:
+                        sink.send(error=ServingError(ErrorCode.INTERNAL, NO_RESPONSE.format(self.config.name)),
+                                  final=True)
+            except ServingError:
+                pass
 
     def _responded(self, item: Pending, index: int, item_sent) -> None:
         if item.state == DONE:

@@ -10,6 +10,7 @@ import grpc
 from .access import GRPC_CATEGORY
 from .policy import Caller, Security
 from .quotas import Rejection
+from .tenant import AUTHENTICATED
 
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 PUSHBACK = "grpc-retry-pushback-ms"
@@ -39,11 +40,13 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     never read."""
 
     async def refuse(request, context):
+        del request  # the abort's exception keeps this frame alive: it must not hold the request's bytes
         if trailer:
             context.set_trailing_metadata(trailer)
         await context.abort(code, message)
 
     async def refuse_stream(request, context):
+        del request
         if trailer:
             context.set_trailing_metadata(trailer)
         await context.abort(code, message)
@@ -60,38 +63,58 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
                 response_serializer=handler.response_serializer)
 
 
+class _NoTicket:
+    def release(self) -> None:
+        pass
+
+
+_NO_TICKET = _NoTicket()
+
+
 class _Admitted:
     """Wraps a handler's behaviour: quotas taken first, released when the call ends."""
 
-    def __init__(self, security: Security, dataplane, tenant: str | None, model_infer: bool) -> None:
+    def __init__(self, security: Security, dataplane, tenant: str | None, model_infer: bool,
+                 quota: bool = True) -> None:
         self.security = security
         self.dataplane = dataplane
         self.tenant = tenant
         self.model_infer = model_infer
+        self.quota = quota  # False: only the authenticated tenant is passed on
 
-    async def _admit(self, request, context):
+    def _decide(self, request, context):
+        if not self.quota:
+            return _NO_TICKET
         caller = Caller(self.tenant, _address(context.peer()))
         if self.model_infer:
-            decision = self.security.admit(caller, self.dataplane, request.model_name, request.model_version)
-        else:
-            decision = self.security.admit(caller)
-        if isinstance(decision, Rejection):
-            context.set_trailing_metadata(((PUSHBACK, str(decision.retry_after_ms)),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, decision.message)
-        return decision
+            return self.security.admit(caller, self.dataplane, request.model_name, request.model_version)
+        return self.security.admit(caller)
+
+    @staticmethod
+    async def _refuse(decision: Rejection, context) -> None:
+        context.set_trailing_metadata(((PUSHBACK, str(decision.retry_after_ms)),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, decision.message)
 
     def unary(self, behavior):
         async def call(request, context):
-            ticket = await self._admit(request, context)
+            ticket = self._decide(request, context)
+            if isinstance(ticket, Rejection):
+                del request  # the abort's exception keeps this frame: it must not hold the request
+                await self._refuse(ticket, context)
+            token = AUTHENTICATED.set(self.tenant)  # the caller identity of cost and metrics
             try:
                 return await behavior(request, context)
             finally:
+                AUTHENTICATED.reset(token)
                 ticket.release()
         return call
 
     def streaming(self, behavior):
         async def call(request, context):
-            ticket = await self._admit(request, context)
+            ticket = self._decide(request, context)
+            if isinstance(ticket, Rejection):
+                await self._refuse(ticket, context)
+            AUTHENTICATED.set(self.tenant)  # this async generator runs in the call's own task
             try:
                 result = behavior(request, context)
                 if hasattr(result, "__aiter__"):
@@ -144,6 +167,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             return _refusal(handler, grpc.StatusCode.UNAVAILABLE,
                             f"This protocol is restricted, expecting header '{header}'")
         model_infer = method == _MODEL_INFER  # a model's own limit (config parameter) applies too
-        if group == "health" or not (s.quotas.per_caller or model_infer):
+        quota = group != "health" and (s.quotas.per_caller or model_infer)
+        if not quota and tenant is None:
             return handler
-        return _wrap(handler, _Admitted(s, self.dataplane, tenant, model_infer))
+        return _wrap(handler, _Admitted(s, self.dataplane, tenant, model_infer, quota))

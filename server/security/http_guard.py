@@ -13,6 +13,7 @@ from aiohttp import web
 from .access import http_category
 from .policy import ANONYMOUS, Caller, Security
 from .quotas import Rejection
+from .tenant import AUTHENTICATED
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 UNAUTHORIZED = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
@@ -43,6 +44,14 @@ def guard_rest(handle: Handler, security: Security, dataplane) -> Handler:
         if header is not None:
             s.rejected("restricted", tenant or ANONYMOUS)
             return _error(403, f"This API is restricted, expecting header '{header}'")
+        token = AUTHENTICATED.set(tenant)  # the caller identity of cost and metrics (frontends/identity.py)
+        try:
+            return await _admitted(request, group, model, tenant)
+        finally:
+            AUTHENTICATED.reset(token)
+
+    async def _admitted(request: web.BaseRequest, group: str | None, model: str | None,
+                        tenant: str | None) -> web.StreamResponse:
         # an unknown path is the router's 404; health takes no quota
         if group is None or group == "health" or not (s.quotas.per_caller or model is not None):
             return await handle(request)

@@ -91,30 +91,26 @@ def to_request(msg: pb.ModelInferRequest | RawInferRequest, deadline: float | No
     )
 
 
-def from_response(response: InferResponse) -> pb.ModelInferResponse:
-    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
-                                id=response.id)
-    for tensor in response.outputs:
-        out.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        # an output written to shared memory has an empty raw entry (Triton: one entry per output)
-        out.raw_output_contents.append(b"" if tensor.in_shm else bytes(dtypes.encode_raw(tensor.data, tensor.datatype)))
-    for key, value in response.parameters.items():
-        set_param(out.parameters[key], value)
-    return out
-
-
 def unary_response(response: InferResponse) -> UnaryReply:
     """The ModelInfer reply: the protobuf header and the outputs' bytes, serialized together once
-    by wire.serialize_infer_response (from_response builds the full message, for streams)."""
+    by wire.serialize_infer_response. An output written to shared memory has an empty raw entry
+    (Triton: one entry per output)."""
     header = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
                                    id=response.id)
     blobs = []
     for tensor in response.outputs:
         header.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        blobs.append(dtypes.encode_raw(tensor.data, tensor.datatype))
+        blobs.append(b"" if tensor.in_shm else dtypes.encode_raw(tensor.data, tensor.datatype))
     for key, value in response.parameters.items():
         set_param(header.parameters[key], value)
     return UnaryReply(header, blobs)
+
+
+def from_response(response: InferResponse) -> pb.ModelInferResponse:
+    """The full message (for streams): the same header and bytes as ``unary_response``."""
+    reply = unary_response(response)
+    reply.header.raw_output_contents.extend(bytes(blob) for blob in reply.blobs)
+    return reply.header
 
 
 def set_param(p: pb.InferParameter, value) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import grpc
 
 from server.core.errors import unavailable
+from server.core.stream import MAX_PENDING
 from server.core.types import InferResponse
 from server.dataplane import DataPlane
 from server.frontends import identity
@@ -142,6 +143,10 @@ class _Call:
                 if written is None:
                     continue
                 if slot is None:
+                    if self.out.qsize() >= MAX_PENDING:  # the client stopped reading: end the call
+                        self.fail((grpc.StatusCode.RESOURCE_EXHAUSTED, "the client is not reading its "
+                                   f"responses: {MAX_PENDING} are waiting; the stream's requests were cancelled"))
+                        return
                     self.out.put_nowait(written)
                 else:
                     slot.messages.append(written)

@@ -26,6 +26,7 @@ from server.core import chat
 from server.core.errors import ErrorCode, ServingError
 from server.core.types import InferRequest, InferResponse, ModelMetadata, RequestedOutput, Tensor
 from server.dataplane import DataPlane
+from server.frontends import identity
 from server.frontends.status import http_status
 
 from . import converters
@@ -329,7 +330,7 @@ def _chat_logprobs(entries: list[dict], top: int) -> dict:
 class _Run:
     """The requests of one OpenAI call in flight: their streams, merged in arrival order."""
 
-    def __init__(self, dp: DataPlane, job: _Job) -> None:
+    def __init__(self, dp: DataPlane, job: _Job, lookup: identity.Lookup) -> None:
         self.job = job
         try:
             meta = dp.model_metadata(job.model)
@@ -340,6 +341,7 @@ class _Run:
         self.streams = []
         try:
             for request in job.requests(meta):
+                identity.tag(request, lookup)  # caller (cost) and canary routing key, as /infer does
                 self.streams.append(dp.stream(request))
         except BaseException:
             self.cancel()
@@ -394,7 +396,7 @@ async def chat_completions(dp: DataPlane, call: Call) -> Reply:
 async def _serve(dp: DataPlane, call: Call, is_chat: bool) -> Reply:
     try:
         job = _Job(_body(call), is_chat)
-        run = _Run(dp, job)
+        run = _Run(dp, job, identity.http_lookup(call.headers))
     except _Bad as exc:
         return _error_reply(exc.status, exc.message, exc.param, exc.code)
     except ServingError as exc:

@@ -234,10 +234,11 @@ class HttpFrontend:
         return _decompress(body, encoding, limit)
 
     async def _receive(self, request: web.BaseRequest, declared: int | None, limit: int) -> bytes | bytearray:
-        """The body, copied once: into a buffer of the declared length (no list of chunks joined
-        afterwards, which would hold the body twice), or grown chunk by chunk when chunked."""
+        """The body, grown chunk by chunk into one buffer (no list of chunks joined afterwards, which
+        would hold the body twice). Never sized from Content-Length up front: a client that declares
+        64 MiB and trickles bytes must not pin 64 MiB it has not sent."""
         timeout = self.limits.read_timeout
-        body = bytearray(declared) if declared else bytearray()
+        body = bytearray()
         size = 0
         try:
             while True:
@@ -252,10 +253,7 @@ class HttpFrontend:
                 end = size + len(chunk)
                 if end > limit:
                     raise _Unread(too_large("the request body", limit))
-                if declared:
-                    body[size:end] = chunk
-                else:
-                    body += chunk
+                body += chunk
                 size = end
         except HttpProcessingError as exc:  # e.g. the body ended before its Content-Length
             raise invalid(f"the request body could not be read: {exc.message}") from None
