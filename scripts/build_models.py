@@ -12,6 +12,7 @@ imports much of torch's compiler stack, which would slow every start of the exam
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,16 +89,17 @@ def llm_example(repo: Path) -> bool:
 
 
 def bench_repository(repo: Path) -> None:
-    """add_sub and mlp with dynamic batching, and *_nobatch twins sharing their model files."""
+    """add_sub and mlp with dynamic batching, and *_nobatch twins with copies of their model files."""
     m.add_sub(repo / "add_sub" / "1" / "model.onnx")
     m.mlp(repo / "mlp" / "1" / "model.onnx")
     for name in _BENCH_IO:
         (repo / name / "config.pbtxt").write_text(bench_config(name, batching=True))
         twin = repo / f"{name}_nobatch"
         (twin / "1").mkdir(parents=True, exist_ok=True)
-        link = twin / "1" / "model.onnx"
-        if not link.exists():
-            link.symlink_to(repo / name / "1" / "model.onnx")
+        copy = twin / "1" / "model.onnx"  # a copy: a symlink out of the model's folder is refused
+        if copy.is_symlink() or not copy.exists():
+            copy.unlink(missing_ok=True)
+            shutil.copyfile(repo / name / "1" / "model.onnx", copy)
         (twin / "config.pbtxt").write_text(bench_config(name, batching=False))
 
 
