@@ -70,6 +70,7 @@ def _providers(device: str, model: str) -> list:
 
 
 class OnnxRuntimeBackend(Backend):
+    inline = True  # session.run is pure compute; the scheduler runs only batches it measured cheap inline
     def __init__(self, session: ort.InferenceSession, name: str) -> None:
         self._session = session
         self._name = name

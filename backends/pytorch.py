@@ -148,6 +148,7 @@ def _as_host(tensor: torch.Tensor) -> np.ndarray:
 
 
 class PyTorchBackend(Backend):
+    inline = True  # a forward pass is pure compute; only batches measured cheap run inline
     def __init__(self, ctx: LoadContext, module: Any, program: Any, device: torch.device) -> None:
         config = ctx.config
         self._name = ctx.model_name

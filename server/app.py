@@ -27,6 +27,7 @@ from server.settings import Settings
 from server.telemetry.canary_metrics import CanaryCollector
 from server.telemetry.cost import CostBook
 from server.telemetry.metrics import Metrics, MetricsServer
+from server.core import loops
 from server.telemetry.tracing import Tracing
 from server.workers.supervisor import Supervisor
 
@@ -97,7 +98,7 @@ class App:
         self.dataplane.started = True
         for frontend in self.frontends:
             await frontend.state_changed()
-        log.info("inferd ready")
+        log.info("inferd ready (event loop: %s)", loops.chosen(s.event_loop))
 
     async def _initial_load(self) -> None:
         models = self.repository.scan()
@@ -161,5 +162,5 @@ def run(settings: Settings) -> int:
         level=logging.DEBUG if settings.log_verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(App(settings).serve())
+    loops.runner(settings.event_loop)(App(settings).serve())
     return 0

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.core import loops
 from server.limits import GrpcLimits, HttpLimits
 from server.telemetry import trace_config
 
@@ -95,6 +96,7 @@ class Settings:
     tenant_max_concurrent: int = 0
     model_max_inflight: int = 0
 
+    event_loop: str = "auto"  # server/core/loops.py: uvloop when installed
     # frontend worker processes (server/workers, docs/workers.md); 0: one process serves everything
     frontend_workers: int = 0
     frontend_worker_shm_mb: int = 64
@@ -178,6 +180,8 @@ def parser() -> argparse.ArgumentParser:
                         "rate=N (1 in N), count=N, mode=opentelemetry, opentelemetry,url=HOST:PORT, "
                         "opentelemetry,resource=K=V, opentelemetry,bsp_schedule_delay=MS ...; "
                         "the OTEL_* environment variables apply too (docs/tracing.md)")
+    p.add_argument("--event-loop", choices=loops.CHOICES, default="auto",
+                   help="the event loop: auto (default: uvloop when installed, else asyncio's), uvloop, asyncio")
     p.add_argument("--frontend-workers", default="auto", metavar="N|auto",
                    help="processes that accept and decode gRPC/REST traffic on the same ports while this "
                         "process runs the models (docs/workers.md); 0: one process; auto (default): 0 below "
@@ -292,6 +296,7 @@ def from_args(argv: list[str] | None = None) -> Settings:
         http_read_timeout_secs=args.http_read_timeout_secs,
         http_max_connections=args.http_max_connections,
         model_control_mode=args.model_control_mode,
+        event_loop=args.event_loop,
         repository_poll_secs=args.repository_poll_secs,
         load_models=args.load_models,
         strict_readiness=args.strict_readiness,

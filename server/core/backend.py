@@ -102,6 +102,10 @@ class Backend(abc.ABC):
     decoupled: bool = False
     #: True: ``canary_check`` judges this instance's model as a canary candidate (docs/canary.md)
     canary_checks: bool = False
+    #: True: ``execute`` is in-process compute that never waits on I/O, other requests or a lock
+    #: another thread may hold, so the scheduler may run a batch it measured as cheap on the
+    #: event loop itself instead of handing it to the instance thread (scheduling/instances.py)
+    inline: bool = False
 
     @classmethod
     @abc.abstractmethod

@@ -60,6 +60,7 @@ class Scheduler:
         self._next_seq = 0
         self._release_seq = 0
         self._held: dict[int, Job] = {}
+        self._dispatch_soon = False  # a deferred _dispatch is scheduled (see submit)
 
     def ready(self) -> bool:
         """A model's scheduler is ready while it serves and some instance can run (an ensemble's also
@@ -116,6 +117,17 @@ class Scheduler:
         self._queues.push(item)
         self.observer.queued(item, self._queues.count)
         self._idle_event.clear()
+        if self._idle and self._idle[-1].inline:
+            # the idle instance runs cheap batches on the loop: first let the requests that arrive
+            # in this loop iteration join the batch (one dispatch per iteration)
+            if not self._dispatch_soon:
+                self._dispatch_soon = True
+                self._loop.call_soon(self._deferred_dispatch)
+        else:
+            self._dispatch()
+
+    def _deferred_dispatch(self) -> None:
+        self._dispatch_soon = False
         self._dispatch()
 
     def _level_and_policy(self, parameters: Mapping[str, object]) -> tuple[int, QueuePolicy]:

@@ -1,4 +1,17 @@
-"""Instances: one worker thread per loaded backend instance, executing batches off the event loop."""
+"""Instances: one worker thread per loaded backend instance, executing batches off the event loop.
+
+The exception, on purpose (docs/architecture.md): a batch measured to cost less than the hand-off
+to the thread runs on the event loop itself. The hand-off and the completion's way back (a queue
+put, the thread's wake-up, ``call_soon_threadsafe``, the loop's wake-up, the GIL passed twice) cost
+more than add_sub's whole execution (~25 us). With cheap batches inline (and uvloop,
+server/core/loops.py) inferd's whole ModelInfer path in process went from 317 to 198 us of CPU per
+request (scripts/bench_inprocess.py, before/after on the same machine). Only a backend that declares
+``inline`` (pure in-process compute) qualifies, and only after ``_FAST_RUNS`` batches in a row took
+at most ``INLINE_BUDGET_NS``; one batch over it sends the next ones back to the thread, so a model
+that turns slow holds the loop for one batch at most. A batch with more input bytes than the
+largest one measured cheap goes to the thread too. While an instance runs inline, the scheduler
+dispatches once per loop iteration, so that the requests arriving together share a batch.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from server.core.backend import Backend, BackendRequest
+from server.core.backend import Backend, BackendRequest, uses_requests
 from server.core.errors import ErrorCode, ServingError
 from server.telemetry.stats import BatchTiming
 
@@ -24,6 +37,9 @@ if TYPE_CHECKING:
     from .queues import Pending
 
 log = logging.getLogger(__name__)
+
+INLINE_BUDGET_NS = 150_000  # a batch measured under this may run on the event loop
+_FAST_RUNS = 8  # consecutive cheap batches before batches run inline
 
 
 @dataclass(slots=True)
@@ -117,6 +133,10 @@ def _run_members_alone(backend: Backend, job: Job, model: str) -> None:
         job.timing = BatchTiming(sum(good), len(good), 0, time.perf_counter_ns() - start, 0)
 
 
+def _input_bytes(job: Job) -> int:
+    return sum(array.nbytes for member in job.members for array in member.inputs.values())
+
+
 class Instance:
     """A backend instance and the thread that owns it."""
 
@@ -136,19 +156,46 @@ class Instance:
         self._observer = observer
         self.loaded_memory = memory  # process RSS growth while this instance loaded and warmed up
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._may_inline = backend.inline and not uses_requests(backend)
+        self._fast = 0  # batches in a row that took at most INLINE_BUDGET_NS
+        self._fast_bytes = 0  # input bytes of the largest of those
         self._thread = threading.Thread(target=self._run, name=f"inferd:{name}", daemon=True)
         self._thread.start()
 
+    @property
+    def inline(self) -> bool:
+        """Cheap batches of this instance run on the event loop (see the module docstring)."""
+        return self._may_inline and self._fast >= _FAST_RUNS
+
+    def runs_inline(self, job: Job) -> bool:
+        """Whether ``submit`` will run ``job`` on the calling (event loop) thread."""
+        return self._fast >= _FAST_RUNS and _input_bytes(job) <= self._fast_bytes
+
     def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+        if self._may_inline and self.runs_inline(job):
+            self._execute(job)
+            self._loop.call_soon(self._on_done, self, job)
+        else:
+            self._jobs.put(job)
+
+    def _execute(self, job: Job) -> None:
+        job.memory = self.memory()
+        start = time.perf_counter_ns()
+        self._observer.execute(run_job, self.backend, job, self.name)
+        if not self._may_inline:
+            return
+        if time.perf_counter_ns() - start <= INLINE_BUDGET_NS:
+            self._fast += 1
+            self._fast_bytes = max(self._fast_bytes, _input_bytes(job))
+        else:
+            self._fast = self._fast_bytes = 0
 
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            job.memory = self.memory()
-            self._observer.execute(run_job, self.backend, job, self.name)
+            self._execute(job)
             try:
                 self._loop.call_soon_threadsafe(self._on_done, self, job)
             except RuntimeError:  # loop closed during shutdown

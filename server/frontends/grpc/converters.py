@@ -31,6 +31,8 @@ def param_value(p: pb.InferParameter):
 
 
 def params(mapping) -> dict:
+    if not mapping:  # the common case: no parameters (saves the items() view per tensor)
+        return {}
     return {k: param_value(v) for k, v in mapping.items()}
 
 
@@ -64,7 +66,8 @@ def to_request(msg: pb.ModelInferRequest | RawInferRequest, deadline: float | No
         if tensor.datatype not in dtypes.NUMPY_DTYPES:
             raise invalid(f"input '{tensor.name}' has unknown datatype '{tensor.datatype}'; expected one of "
                           f"{', '.join(dtypes.DATATYPES)}")
-        if "shared_memory_region" in tensor.parameters:  # the data plane maps it; no raw entry is consumed
+        tensor_params = tensor.parameters
+        if tensor_params and "shared_memory_region" in tensor_params:  # the data plane maps it; no raw entry
             if tensor.HasField("contents"):
                 raise invalid(f"input '{tensor.name}' has both contents and shared_memory_region; send one")
             data = np.empty(0, dtype=dtypes.NUMPY_DTYPES[tensor.datatype])
@@ -76,7 +79,7 @@ def to_request(msg: pb.ModelInferRequest | RawInferRequest, deadline: float | No
         else:
             raise invalid(f"unable to find data for input tensor '{tensor.name}': it has no contents and "
                           f"raw_input_contents has {len(raw)} entries for the inputs before it")
-        inputs.append(Tensor(tensor.name, tensor.datatype, shape, data, params(tensor.parameters)))
+        inputs.append(Tensor(tensor.name, tensor.datatype, shape, data, params(tensor_params)))
     if next_raw != len(raw):
         raise invalid(f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs take their data "
                       "from it (one entry per input without typed contents, in input order)")

@@ -18,6 +18,9 @@ _RAW_OUTPUT_KEY = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_content
 # a message of more top-level fields than this is parsed by protobuf as a whole: its raw contents
 # are small by construction, and a Python scan of millions of tiny fields would be slow
 _MAX_SCANNED_FIELDS = 4096
+# a smaller message is parsed by protobuf (upb) as a whole: copying its few raw bytes costs less
+# than the Python field scan (add_sub's 170-byte request: 1 us against 6 us)
+_MIN_SCANNED_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -105,6 +108,8 @@ def _split(data: bytes) -> tuple[list[memoryview], list[memoryview]] | None:
 
 def parse_infer_request(data: bytes) -> RawInferRequest | pb.ModelInferRequest:
     """The request_deserializer of ModelInfer."""
+    if len(data) < _MIN_SCANNED_BYTES:
+        return pb.ModelInferRequest.FromString(data)
     try:
         split = _split(data)
     except ValueError:

@@ -1,0 +1,105 @@
+"""Cheap batches run on the event loop, others on the instance thread (scheduling/instances.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from server.core.backend import Backend
+from server.scheduling import instances
+from server.scheduling.instances import Instance, Job
+
+
+class _Recorder(Backend):
+    """Adds one; records the thread each batch ran on; sleeps ``delay`` seconds when asked to."""
+
+    inline = True
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.delay = 0.0
+
+    @classmethod
+    def load(cls, ctx):  # pragma: no cover - not loaded from files here
+        return cls()
+
+    def execute(self, inputs, outputs):
+        self.threads.append(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
+        return {"OUT": inputs["IN"] + 1}
+
+
+class _Observer:
+    def execute(self, run, backend, job, instance):
+        run(backend, job, "m")
+
+
+def _job(rows: int = 1) -> Job:
+    member = SimpleNamespace(inputs={"IN": np.zeros((rows, 4), np.float32)}, size=rows)
+    return Job(members=[member], wanted=[["OUT"]], outputs=["OUT"], batched=True, requests=False, seq=0)
+
+
+async def _run(instance: Instance, done: asyncio.Queue, job: Job) -> Job:
+    instance.submit(job)
+    finished = await asyncio.wait_for(done.get(), 10)
+    assert finished.results is not None and finished.error is None
+    return finished
+
+
+def _instance(backend: Backend, loop, done: asyncio.Queue) -> Instance:
+    return Instance("m_0", backend, loop, lambda _instance, job: done.put_nowait(job), _Observer())
+
+
+def test_cheap_batches_move_to_the_loop_and_a_slow_one_moves_them_back():
+    async def main():
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+        backend = _Recorder()
+        instance = _instance(backend, loop, done)
+        try:
+            for _ in range(200):  # measured on the thread first (a first call may be slow: retry)
+                await _run(instance, done, _job())
+                if instance.inline:
+                    break
+            assert instance.inline
+            assert len(backend.threads) >= instances._FAST_RUNS
+            assert set(backend.threads) == {"inferd:m_0"}
+            await _run(instance, done, _job())
+            assert backend.threads[-1] == threading.current_thread().name  # now on the loop
+            # a batch with more input bytes than any measured cheap one goes to the thread
+            await _run(instance, done, _job(rows=8))
+            assert backend.threads[-1] == "inferd:m_0"
+            # one batch over the budget (run inline: it was cheap until now) sends the next ones back
+            backend.delay = instances.INLINE_BUDGET_NS / 1e9 * 2
+            await _run(instance, done, _job())
+            backend.delay = 0.0
+            assert not instance.inline
+            await _run(instance, done, _job())
+            assert backend.threads[-1] == "inferd:m_0"
+        finally:
+            await asyncio.to_thread(instance.close)
+
+    asyncio.run(main())
+
+
+def test_a_backend_that_does_not_declare_inline_always_runs_on_its_thread():
+    class Plain(_Recorder):
+        inline = False
+
+    async def main():
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+        backend = Plain()
+        instance = _instance(backend, loop, done)
+        try:
+            for _ in range(instances._FAST_RUNS * 2):
+                await _run(instance, done, _job())
+            assert set(backend.threads) == {"inferd:m_0"}
+            assert not instance.inline
+        finally:
+            await asyncio.to_thread(instance.close)
+
+    asyncio.run(main())
