@@ -124,11 +124,11 @@ def stop_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_inferd() -> Server:
+def start_inferd(allow_http: bool = False, http_port: int = 0) -> Server:
     port = free_port()
     args = [sys.executable, "-m", "server.cli", "--model-repository", str(BENCH_REPO), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
-            "--allow-http", "false", "--allow-metrics", "false"]
+            "--grpc-port", str(port), "--http-port", str(http_port or free_port()), "--metrics-port",
+            str(free_port()), "--allow-http", "true" if allow_http else "false", "--allow-metrics", "false"]
     return Server("inferd", args, port)
 
 
