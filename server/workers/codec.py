@@ -209,6 +209,13 @@ def encode_request(request: InferRequest, buf: memoryview, allocator: Allocator,
     return b"".join(w.parts), block
 
 
+def request_block(body: bytes) -> int:
+    """The arena block an INFER body names (-1: none, or a body too short to say)."""
+    if len(body) < _REQUEST.size:
+        return -1
+    return _REQUEST.unpack_from(body)[2]
+
+
 class DecodedRequest:
     __slots__ = ("request", "views", "trace_kind", "carrier", "start_ns", "stream_id")
 

@@ -18,11 +18,13 @@ import threading
 import weakref
 from typing import Any
 
-from server.core.errors import ServingError
+from server.core.errors import ErrorCode, ServingError
 
 from . import arena, calls, codec, templates, wire
 
 log = logging.getLogger(__name__)
+
+EARLY_CANCELS = 1024  # CANCELs of unknown tags remembered per worker (oldest forgotten first)
 
 
 class WorkerPort:
@@ -42,7 +44,9 @@ class WorkerPort:
         self.inflight: dict[int, Any] = {}  # tag -> unary task, or ResponseStream
         self.templates: dict[int, templates.Template] = {}  # request shapes this worker described
         self._response_templates: dict[tuple, templates.Template] = {}  # response shapes sent to it
-        self._pumps: set[asyncio.Task] = set()
+        self._pumps: set[asyncio.Task] = set()  # stream pumps: cancelled with the worker
+        self._controls: set[asyncio.Task] = set()  # load/unload/...: run to their end (they change the server)
+        self._cancelled_early: dict[int, None] = {}  # CANCELs of tags not (yet) in flight, oldest first
         self._stream_traces: dict[int, Any] = {}
         self._held: dict[int, tuple] = {}  # id(weakref to a request's root view) -> (ref, block)
         self._released: list[int] = []
@@ -66,7 +70,7 @@ class WorkerPort:
         elif kind == wire.PING:
             self.data.send(wire.PONG, 0, self.hub.state())
         elif kind == wire.CONTROL:
-            self._spawn(self._control(self.data, tag, body))
+            self._spawn(self._control(self.data, tag, body), self._controls)
         elif kind == wire.TRACE_END:
             trace = self._stream_traces.pop(tag, None)
             if trace is not None:
@@ -79,15 +83,22 @@ class WorkerPort:
         if kind == wire.INFER:
             self._admit_stream(tag, body)
         elif kind == wire.CONTROL:
-            self._spawn(self._control(self.call, tag, body))
+            self._spawn(self._control(self.call, tag, body), self._controls)
 
     # -- inference ---------------------------------------------------------------------------
 
     def _decode(self, body: bytes, kind: int = wire.INFER):
-        if kind == wire.INFER_FAST:
-            decoded = templates.read_fast_request(body, self.templates, self.request_buf)
-        else:
-            decoded = codec.decode_request(body, self.request_buf)
+        try:
+            if kind == wire.INFER_FAST:
+                decoded = templates.read_fast_request(body, self.templates, self.request_buf)
+            else:
+                decoded = codec.decode_request(body, self.request_buf)
+        except Exception:
+            # nothing here will read the request's block: the worker may have it back now
+            block = (templates.fast_request_block if kind == wire.INFER_FAST else codec.request_block)(body)
+            if block >= 0:
+                self._release(block)
+            raise
         views = decoded.views
         if views.block >= 0:
             ref = weakref.ref(views.root, self._views_gone)
@@ -101,6 +112,8 @@ class WorkerPort:
         try:
             request = self._decode(body, kind)
         except Exception as exc:  # noqa: BLE001 - a malformed frame fails its request only
+            if not isinstance(exc, ServingError):
+                log.error("frontend worker %d: request %d could not be read: %s", self.slot, tag, exc)
             self.data.send(wire.ERROR, tag, wire.error_body(_malformed(exc)))
             return
         self.inflight[tag] = asyncio.ensure_future(self._unary(tag, request))
@@ -147,6 +160,11 @@ class WorkerPort:
     def _admit_stream(self, tag: int, body: bytes) -> None:
         try:
             request = self._decode(body)
+            if tag in self._cancelled_early:
+                del self._cancelled_early[tag]
+                # the worker gave up on this admission (its call timed out) and said so on the data
+                # channel, which the engine read first: the request must not start
+                raise ServingError(ErrorCode.CANCELLED, "the caller cancelled the request before it was admitted")
             stream = self.hub.dataplane.stream(request)
         except Exception as exc:  # noqa: BLE001 - the refusal is the caller's answer
             if not isinstance(exc, ServingError):
@@ -180,6 +198,12 @@ class WorkerPort:
     def _cancel(self, tag: int) -> None:
         work = self.inflight.pop(tag, None)
         if work is None:
+            # finished already (its answer crossed the CANCEL), or a stream admission still on its way
+            # over the call channel: remember it, boundedly, so that admission does not start it
+            early = self._cancelled_early
+            early[tag] = None
+            if len(early) > EARLY_CANCELS:
+                del early[next(iter(early))]
             return
         if isinstance(work, asyncio.Future):
             work.cancel()
@@ -221,13 +245,14 @@ class WorkerPort:
             if not isinstance(exc, ServingError):
                 log.error("engine call from frontend worker %d failed", self.slot, exc_info=exc)
             reply = calls.reply_error(exc)
-        if channel is not None:
+        if channel is not None and not self.retired:  # a retired worker's caller is gone: the work is done anyway
             channel.send(wire.REPLY, tag, reply)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro, tasks: set | None = None) -> None:
+        tasks = self._pumps if tasks is None else tasks
         task = asyncio.ensure_future(coro)
-        self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     # -- blocks ------------------------------------------------------------------------------
 
@@ -235,7 +260,11 @@ class WorkerPort:
         held = self._held.pop(id(ref), None)
         if held is None or self.retired:
             return
-        block = held[1]
+        self._release(held[1])
+
+    def _release(self, block: int) -> None:
+        if self.retired:
+            return
         self._released.append(block)
         if not self._release_scheduled:
             self._release_scheduled = True
@@ -284,6 +313,6 @@ class WorkerPort:
 
 
 def _malformed(exc: BaseException) -> ServingError:
-    from server.core.errors import ErrorCode
-
+    if isinstance(exc, ServingError):  # e.g. an unknown datatype: the caller's own mistake, said as such
+        return exc
     return ServingError(ErrorCode.INTERNAL, f"malformed request frame from a frontend worker: {exc}")

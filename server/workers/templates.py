@@ -123,6 +123,13 @@ def fast_request(template: Template, block: int, request: InferRequest) -> bytes
     return _FAST_REQUEST.pack(template.id, deadline, block, template.size, len(rid)) + rid
 
 
+def fast_request_block(body: bytes) -> int:
+    """The arena block an INFER_FAST body names (-1: none, or a body too short to say)."""
+    if len(body) < _FAST_REQUEST.size:
+        return -1
+    return _FAST_REQUEST.unpack_from(body)[2]
+
+
 def read_fast_request(body: bytes, templates: dict[int, Template], buf: memoryview) -> DecodedRequest:
     tid, deadline, block, size, len_id = _FAST_REQUEST.unpack_from(body)
     template = templates.get(tid)
