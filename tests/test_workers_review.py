@@ -343,3 +343,62 @@ def test_an_oversized_frame_on_the_engine_socket_closes_that_connection(server):
     channel, stub = _stub(server)
     with channel:  # the real worker's channels are untouched
         assert stub.ModelInfer(_simple_request(), timeout=10).raw_output_contents
+
+
+def test_a_view_of_a_request_tensor_keeps_its_block_until_it_is_gone():
+    """The block goes back only when nothing can read it: numpy gives a view of a view the first
+    base that is not itself an array, so every tensor (and any slice the scheduler or a backend
+    takes of it) must hang from the block's root for the weak reference to be right."""
+    import gc
+
+    async def run() -> None:
+        p, data, _ = _port()
+        try:
+            alloc = arena.Allocator(1 << 20)
+            body, block = _request_body(p, alloc)
+            request = p._decode(body)
+            part = request.inputs[0].data[0:1, 2:5]  # e.g. a batch split's slice
+            del request
+            gc.collect()
+            await _settle()
+            assert data.released() == []  # still read through `part`
+            assert part.tolist() == [[2, 3, 4]]
+            del part
+            gc.collect()
+            await _settle()
+            assert data.released() == [block]
+        finally:
+            p.retire()
+
+    asyncio.run(run())
+
+
+def test_a_view_of_a_response_tensor_keeps_its_views_root_alive():
+    import gc
+    import weakref
+
+    shm = arena.create(1 << 20, "inferd-test")
+    try:
+        alloc = arena.Allocator(1 << 20)
+        from server.core.types import InferResponse
+
+        response = InferResponse("m", "1", "r", [Tensor("OUT", "INT32", [1, 16], np.arange(16, dtype=np.int32)
+                                                        .reshape(1, 16))])
+        template = templates.new_response_template(1, response)
+        block = template.write([response.outputs[0].data], shm.buf, alloc)
+        decoded, views = templates.read_fast_response(templates.fast_response(template, block, response),
+                                                      {1: template}, shm.buf)
+        root = weakref.ref(views.root)
+        part = decoded.outputs[0].data[0, 3:6]
+        del decoded, views
+        gc.collect()
+        assert root() is not None and part.tolist() == [3, 4, 5]
+        del part
+        gc.collect()
+        assert root() is None
+    finally:
+        shm.unlink()
+        try:
+            shm.close()
+        except BufferError:
+            pass

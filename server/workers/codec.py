@@ -70,16 +70,16 @@ class Views:
 
     __slots__ = ("root", "block", "__weakref__")
 
-    def __init__(self, buf: memoryview | np.ndarray, block: int, size: int, tail: bytes, tail_start: int) -> None:
-        """``buf``: the arena (a uint8 array over all of it reads fastest: a block is a slice of it)."""
+    def __init__(self, buf: memoryview, block: int, size: int, tail: bytes, tail_start: int) -> None:
+        """``buf``: the arena's memoryview. The root must be made from it with ``np.frombuffer`` (its
+        base is then not an array): numpy collapses a view's base to the first array that has none,
+        so a root sliced from an array over the whole arena would not be the base of the tensors
+        made from it, and would die (releasing the block) while they are still read."""
         self.block = block
         if block >= 0:
             if size <= 0 or block + size > len(buf):
                 raise ValueError(f"block [{block}, {block + size}) is outside the arena")
-            if isinstance(buf, np.ndarray):
-                self.root = buf[block:block + size]  # its own array object: the block's views hang from it
-            else:
-                self.root = np.frombuffer(buf, dtype=np.uint8, count=size, offset=block)
+            self.root = np.frombuffer(buf, dtype=np.uint8, count=size, offset=block)
         elif tail_start < len(tail):
             self.root = np.frombuffer(tail, dtype=np.uint8, offset=tail_start)
         else:
@@ -224,7 +224,7 @@ class DecodedRequest:
     __slots__ = ("request", "views", "trace_kind", "carrier", "start_ns", "stream_id")
 
 
-def decode_request(body: bytes, buf: memoryview | np.ndarray) -> DecodedRequest:
+def decode_request(body: bytes, buf: memoryview) -> DecodedRequest:
     r = Reader(body)
     (deadline, start_ns, block, size, n_in, n_out, trace_kind, n_params, len_model, len_version,
      len_id) = r.unpack(_REQUEST)
@@ -280,7 +280,7 @@ def encode_response(response: InferResponse, buf: memoryview, allocator: Allocat
     return b"".join(w.parts), block
 
 
-def decode_response(body: bytes, buf: memoryview | np.ndarray) -> tuple[InferResponse, Views | None]:
+def decode_response(body: bytes, buf: memoryview) -> tuple[InferResponse, Views | None]:
     r = Reader(body)
     flags, block, size, n_out, n_params, len_model, len_version, len_id = r.unpack(_RESPONSE)
     response = InferResponse(*_texts(r, len_model, len_version, len_id), [], {}, bool(flags & FINAL))

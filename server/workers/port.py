@@ -19,8 +19,6 @@ import threading
 import weakref
 from typing import Any
 
-import numpy as np
-
 from server.core.errors import ErrorCode, ServingError
 
 from . import arena, calls, codec, templates, wire
@@ -38,7 +36,6 @@ class WorkerPort:
         self.response_shm = arena.create(size, prefix)
         self.request_buf = self.request_shm.buf
         self.response_buf = self.response_shm.buf
-        self.request_view = np.frombuffer(self.request_buf, dtype=np.uint8)  # requests are read as slices of it
         self.response_alloc = arena.Allocator(size)
         self.data = None  # EngineChannel (role data), once the worker connected
         self.call = None  # EngineChannel (role call)
@@ -96,9 +93,9 @@ class WorkerPort:
     def _decode(self, body: bytes, kind: int = wire.INFER):
         try:
             if kind == wire.INFER_FAST:
-                decoded = templates.read_fast_request(body, self.templates, self.request_view)
+                decoded = templates.read_fast_request(body, self.templates, self.request_buf)
             else:
-                decoded = codec.decode_request(body, self.request_view)
+                decoded = codec.decode_request(body, self.request_buf)
         except Exception:
             # nothing here will read the request's block: the worker may have it back now
             block = (templates.fast_request_block if kind == wire.INFER_FAST else codec.request_block)(body)
@@ -377,7 +374,7 @@ class WorkerPort:
                 shm.unlink()  # the name goes now; the memory when the last view of it is gone
             except FileNotFoundError:
                 pass
-        self.request_buf = self.response_buf = self.request_view = None
+        self.request_buf = self.response_buf = None
         self.hub.release_later([self.request_shm, self.response_shm])
 
 

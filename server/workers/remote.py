@@ -20,8 +20,6 @@ import time
 import weakref
 from typing import Any, Mapping
 
-import numpy as np
-
 from server.core.changes import Changes
 from server.core.errors import ServingError, unavailable
 from server.core.types import InferRequest, InferResponse
@@ -57,7 +55,7 @@ class RemoteDataPlane:
         self._req_buf = self._req_shm.buf
         self._req_alloc = arena.Allocator(self._req_shm.size)
         self._resp_shm = arena.attach(config["response_arena"])
-        self._resp_buf = np.frombuffer(self._resp_shm.buf, dtype=np.uint8)  # responses are read as slices of it
+        self._resp_buf = self._resp_shm.buf
         self._timeout: float = config["engine_timeout"]
         self._max_inflight: int = config["max_inflight"]
         self._tags = itertools.count(1)
@@ -107,6 +105,13 @@ class RemoteDataPlane:
             self._data.close()
         if self._calls is not None:
             self._calls.close()
+        # unmap the arenas (the engine unlinks them); a view a frontend still holds keeps its mapping
+        self._resp_buf = self._req_buf = None
+        for shm in (self._req_shm, self._resp_shm):
+            try:
+                shm.close()
+            except BufferError:
+                pass
 
     async def _beat(self) -> None:
         interval = min(0.5, self._timeout / 4)

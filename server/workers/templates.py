@@ -145,7 +145,7 @@ def fast_request_block(body: bytes) -> int:
     return _FAST_REQUEST.unpack_from(body)[2]
 
 
-def read_fast_request(body: bytes, templates: dict[int, Template], buf: memoryview | np.ndarray) -> DecodedRequest:
+def read_fast_request(body: bytes, templates: dict[int, Template], buf: memoryview) -> DecodedRequest:
     tid, deadline, block, size, len_id = _FAST_REQUEST.unpack_from(body)
     template = templates.get(tid)
     if template is None or size != template.size:
@@ -170,7 +170,7 @@ def fast_response(template: Template, block: int, response: InferResponse) -> by
 
 
 def read_fast_response(body: bytes, templates: dict[int, Template],
-                       buf: memoryview | np.ndarray) -> tuple[InferResponse, Views | None]:
+                       buf: memoryview) -> tuple[InferResponse, Views | None]:
     tid, block, size, len_id = _FAST_RESPONSE.unpack_from(body)
     template = templates.get(tid)
     if template is None or size != template.size:
