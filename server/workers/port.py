@@ -1,6 +1,7 @@
 """The engine's side of one worker process: its arenas, its two channels, its requests in flight.
 
-Unary requests run ``DataPlane.infer`` in a task; streams are admitted on the call channel
+Unary requests run ``DataPlane.infer``, driven from the frame's arrival and its response future
+(a task only when traced: its spans use context variables); streams are admitted on the call channel
 (``DataPlane.stream`` is synchronous) and pumped to the data channel. Request tensors are numpy
 views into the worker's request arena; when the last view of a request is gone (the scheduler and
 the backend are done with it) the block goes back to the worker in a RELEASE frame. Responses are
