@@ -258,6 +258,8 @@ def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("review") / "repo"
     shutil.copytree(ROOT / "model_repository" / "simple", repo / "simple")
     shutil.copytree(SLOW, repo / "slow")
+    config = repo / "slow" / "config.pbtxt"
+    config.write_text(config.read_text().replace("count: 4", "count: 1"))  # one instance: a second request queues
     (repo / "slow_load" / "1").mkdir(parents=True)
     (repo / "slow_load" / "config.pbtxt").write_text(
         (SLOW / "config.pbtxt").read_text().replace("count: 4", "count: 1"))
@@ -402,3 +404,25 @@ def test_a_view_of_a_response_tensor_keeps_its_views_root_alive():
             shm.close()
         except BufferError:
             pass
+
+
+def test_a_cancelled_queued_request_never_runs_in_the_engine(server):
+    """The engine drives an untraced request's DataPlane.infer itself (no task): a cancel from the
+    worker must still take it out of the model's queue, as a cancelled task would (statistics then
+    count it as failed, and the model never executes it: as in one process)."""
+    def counts(stub) -> tuple[int, int, int]:
+        [s] = stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow"), timeout=10).model_stats
+        return s.inference_stats.success.count, s.inference_stats.fail.count, s.execution_count
+
+    channel, stub = _stub(server)
+    with channel:
+        success, fail, executions = counts(stub)
+        running = stub.ModelInfer.future(_slow_request(1200), timeout=30)  # holds the one instance
+        time.sleep(0.4)
+        queued = stub.ModelInfer.future(_slow_request(700), timeout=30)
+        time.sleep(0.3)
+        queued.cancel()  # the client goes away while its request waits in the engine's queue
+        assert np.frombuffer(running.result(timeout=10).raw_output_contents[0], np.int32)[0] == 1200
+        time.sleep(1.0)  # a request that was not dropped would have run by now
+        assert counts(stub) == (success + 1, fail + 1, executions + 1)
+        assert stub.ModelInfer(_simple_request(), timeout=10).raw_output_contents
