@@ -3,13 +3,21 @@
     .venv/bin/python scripts/bench_workers.py                    # add_sub c=16 and mlp c=64
     .venv/bin/python scripts/bench_workers.py --seconds 8 --workers 0 1 2 4
     .venv/bin/python scripts/bench_workers.py --growth 100000  # RSS and /dev/shm over 100k requests
+    .venv/bin/python scripts/bench_workers.py --engine-only     # the engine saturated, without gRPC
 
 Every point starts a fresh inferd on the benchmark repository (scripts/build_models.py) with
 ``--frontend-workers N`` and drives it with the closed-loop gRPC client (scripts/loadgen.py).
 The engine's CPU per request is the CPU time (user + system, all threads) of the engine process
-alone over the run, divided by the requests it completed (ModelStatistics): with workers it is
+alone over the run, divided by the requests it completed (ModelStatistics), and next to it the
+share of its event-loop thread (the rest: model instance threads, ONNX Runtime's pool): with workers it is
 what bounds the whole server once the frontends scale out; with 0 workers the one process is
 both frontend and engine. The targets of issue 15 are printed with the measured values.
+
+``--engine-only`` measures what the engine can do when it, not the transports, is the bottleneck
+(on this 2-core machine the gRPC client and the workers take most of the CPU): the engine runs in
+this process and its one worker is a driver without frontends that keeps ``c`` requests in flight
+through the real worker channel (RemoteDataPlane: arena, frames, templates), so the engine is
+saturated and batches form as they would behind many workers.
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ TICK = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of one process (all its threads, not its children)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def loop_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process's main thread (the engine's event loop) alone."""
+    fields = open(f"/proc/{pid}/task/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
@@ -82,9 +96,11 @@ def point(model: str, concurrency: int, workers: int, seconds: float, warmup: fl
         payload = loadgen.make_request(model, feed, types)
         workers_now = worker_pids(server.proc.pid)
         (count0, batches0), cpu0 = served(server.url, model), cpu_seconds(server.proc.pid)
+        loop0 = loop_cpu_seconds(server.proc.pid)
         wcpu0 = sum(cpu_seconds(p) for p in workers_now)
         result = loadgen.run(server.url, payload, concurrency, seconds, warmup=warmup, processes=processes)
-        cpu1, (count1, batches1) = cpu_seconds(server.proc.pid), served(server.url, model)
+        cpu1, loop1 = cpu_seconds(server.proc.pid), loop_cpu_seconds(server.proc.pid)
+        count1, batches1 = served(server.url, model)
         wcpu1 = sum(cpu_seconds(p) for p in workers_now)
     finally:
         server.stop()
@@ -92,7 +108,8 @@ def point(model: str, concurrency: int, workers: int, seconds: float, warmup: fl
     return {"model": model, "c": concurrency, "workers": workers, "rps": result.throughput,
             "p50": result.pct(50), "p99": result.pct(99), "errors": result.errors,
             "batch": done / max(1, batches1 - batches0),
-            "engine_us": (cpu1 - cpu0) / done * 1e6, "workers_us": (wcpu1 - wcpu0) / done * 1e6,
+            "engine_us": (cpu1 - cpu0) / done * 1e6, "loop_us": (loop1 - loop0) / done * 1e6,
+            "workers_us": (wcpu1 - wcpu0) / done * 1e6,
             "first_error": result.first_error}
 
 
@@ -156,6 +173,87 @@ def growth(total: int, workers: int) -> None:
     print(f"  /dev/shm in use {change(shm0, shm1, 1024, 'KiB')}")
 
 
+DRIVE = "INFERD_BENCH_DRIVE"  # the driver's model and concurrency, for the spawned process
+
+
+def _drive(config: dict) -> None:
+    """Spawn target in place of the worker's main: no frontends, ``c`` closed loops of inference."""
+    import json
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    model, concurrency = json.loads(os.environ[DRIVE])
+    asyncio.run(_drive_loops(config, model, concurrency))
+
+
+async def _drive_loops(config: dict, model: str, concurrency: int) -> None:
+    from server.core.errors import ServingError
+    from server.core.types import InferRequest, RequestedOutput, Tensor
+    from server.workers import wire
+    from server.workers.remote import RemoteDataPlane
+
+    plane = RemoteDataPlane(config)
+    await plane.connect()
+    plane._send(wire.UP, 0)
+    while not plane.ready() and not plane.stopped.is_set():
+        await asyncio.sleep(0.05)
+    feed, types = bench.inputs_for(model)
+
+    async def loop() -> None:
+        while not plane.stopped.is_set() and not plane.draining:
+            request = InferRequest(model, "", "", [Tensor(n, types[n], list(a.shape), a) for n, a in feed.items()],
+                                   [])
+            try:
+                await plane.infer(request)
+            except ServingError:
+                await asyncio.sleep(0.01)
+
+    loops = [asyncio.ensure_future(loop()) for _ in range(concurrency)]
+    await plane.stopped.wait()
+    for task in loops:
+        task.cancel()
+    await plane.close()
+
+
+def engine_only(model: str, concurrency: int, seconds: float, warmup: float) -> dict:
+    """The engine in this process, saturated by one driver process through the worker channel."""
+    import json
+
+    from server import app as app_module, settings as settings_module
+    from server.workers import supervisor
+
+    os.environ[DRIVE] = json.dumps([model, concurrency])
+    supervisor.process.main = _drive  # the spawned "worker" is the driver (pickled by reference)
+    settings = settings_module.from_args([
+        "--model-repository", str(bench.BENCH_REPO), "--host", "127.0.0.1", "--grpc-port", str(bench.free_port()),
+        "--http-port", str(bench.free_port()), "--allow-http", "false", "--allow-metrics", "false",
+        "--frontend-workers", "1"])
+
+    def counts(app) -> tuple[int, int]:
+        [stats] = app.dataplane.statistics(model)
+        return stats["inference_stats"]["success"]["count"], stats["execution_count"]
+
+    async def run() -> dict:
+        app = app_module.App(settings)
+        await app.start()
+        try:
+            await asyncio.sleep(warmup)
+            (n0, b0), cpu0, loop0 = counts(app), cpu_seconds(os.getpid()), loop_cpu_seconds(os.getpid())
+            start = time.monotonic()
+            await asyncio.sleep(seconds)
+            (n1, b1), cpu1, loop1 = counts(app), cpu_seconds(os.getpid()), loop_cpu_seconds(os.getpid())
+            elapsed = time.monotonic() - start
+            driver = sum(cpu_seconds(p) for p in app.workers.pids())
+        finally:
+            app.dataplane.draining = True
+            await app.stop()
+        done = max(1, n1 - n0)
+        return {"model": model, "c": concurrency, "rps": done / elapsed, "batch": done / max(1, b1 - b0),
+                "engine_us": (cpu1 - cpu0) / done * 1e6, "loop_us": (loop1 - loop0) / done * 1e6}
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,17 +266,28 @@ def main() -> None:
     parser.add_argument("--growth", type=int, default=0, metavar="N",
                         help="instead: send N add_sub requests through max(--workers) workers and print "
                              "how RSS and /dev/shm changed (issue 15 asks for 100000)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="instead: the engine alone, saturated by a driver without gRPC (see above)")
     args = parser.parse_args()
     bench.build_repository()
     if args.growth:
         growth(args.growth, max(args.workers))
         return
+    if args.engine_only:
+        print("| model | c | engine req/s | mean batch | engine CPU us/req | of which its event loop |")
+        print("|---|---|---|---|---|---|")
+        for scenario in args.scenario or ["add_sub:16", "add_sub:64", "mlp:64"]:
+            model, concurrency = scenario.split(":")[0], int(scenario.split(":")[1])
+            r = engine_only(model, concurrency, args.seconds, args.warmup)
+            print(f"| {model} | {concurrency} | {r['rps']:,.0f} | {r['batch']:.1f} | {r['engine_us']:.0f} | "
+                  f"{r['loop_us']:.0f} |", flush=True)
+        return
     scenarios = [(s.split(":")[0], int(s.split(":")[1])) for s in (args.scenario or ["add_sub:16", "mlp:64"])]
     print(f"# frontend workers on {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
           f"{args.seconds:g}s per point, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| model | c | workers | req/s | ratio to 0 | p50 ms | p99 ms | mean batch | engine CPU us/req "
-          "| workers CPU us/req |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| of which its event loop | workers CPU us/req |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: dict[tuple[str, int], dict] = {}
     for model, concurrency in scenarios:
         for workers in args.workers:
@@ -188,7 +297,8 @@ def main() -> None:
             ratio = f"{r['rps'] / base['rps']:.2f}" if base else ""
             errors = f" ({r['errors']} errors: {r['first_error']})" if r["errors"] else ""
             print(f"| {model} | {concurrency} | {workers} | {r['rps']:,.0f} | {ratio} | {r['p50']:.2f} | "
-                  f"{r['p99']:.2f} | {r['batch']:.1f} | {r['engine_us']:.0f} | {r['workers_us']:.0f} |"
+                  f"{r['p99']:.2f} | {r['batch']:.1f} | {r['engine_us']:.0f} | {r['loop_us']:.0f} | "
+                  f"{r['workers_us']:.0f} |"
                   f"{errors}", flush=True)
     print()
     for model, _ in scenarios:

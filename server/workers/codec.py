@@ -71,6 +71,10 @@ class Views:
     __slots__ = ("root", "block", "__weakref__")
 
     def __init__(self, buf: memoryview, block: int, size: int, tail: bytes, tail_start: int) -> None:
+        """``buf``: the arena's memoryview. The root must be made from it with ``np.frombuffer`` (its
+        base is then not an array): numpy collapses a view's base to the first array that has none,
+        so a root sliced from an array over the whole arena would not be the base of the tensors
+        made from it, and would die (releasing the block) while they are still read."""
         self.block = block
         if block >= 0:
             if size <= 0 or block + size > len(buf):
@@ -207,6 +211,13 @@ def encode_request(request: InferRequest, buf: memoryview, allocator: Allocator,
         w.params(out.parameters)
     w.parts.extend(tail)
     return b"".join(w.parts), block
+
+
+def request_block(body: bytes) -> int:
+    """The arena block an INFER body names (-1: none, or a body too short to say)."""
+    if len(body) < _REQUEST.size:
+        return -1
+    return _REQUEST.unpack_from(body)[2]
 
 
 class DecodedRequest:

@@ -1,5 +1,7 @@
 """One connection from a worker to the engine's socket: its HELLO says which worker and which
-channel (data or call) it is; every later frame goes to that worker's port."""
+channel (data or call) it is; every later frame goes to that worker's port. Until the HELLO has
+been checked a frame may not be longer than a HELLO needs; after it, no longer than the largest
+request a frontend accepts can make (``hub.max_request_frame``)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ log = logging.getLogger(__name__)
 
 class EngineChannel(FrameProtocol):
     def __init__(self, hub) -> None:
-        super().__init__()
+        super().__init__(wire.HELLO_MAX)
         self.hub = hub
         self.port = None
         self.role = ""
@@ -25,11 +27,18 @@ class EngineChannel(FrameProtocol):
             if kind != wire.HELLO:
                 self.close()
                 return
-            hello = json.loads(body)
-            self.role = hello.get("role", "")
+            try:
+                hello = json.loads(body)
+                self.role = str(hello.get("role", ""))
+            except (ValueError, AttributeError):
+                log.warning("engine socket: a connection whose HELLO is not a JSON object was refused")
+                self.close()
+                return
             self.port = self.hub.attach(self, hello)
             if self.port is None:
                 self.close()
+            else:
+                self.max_frame = self.hub.max_request_frame
             return
         if port.retired:
             return

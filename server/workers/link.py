@@ -18,7 +18,11 @@ HIGH_WATER = 64 << 20  # bytes queued for the peer before "full"
 
 
 class FrameProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """``max_frame``: the largest frame body this side accepts; a longer one closes the connection
+    with a logged error before any of it is buffered (its length comes from the peer)."""
+
+    def __init__(self, max_frame: int = wire.MAX_FRAME) -> None:
+        self.max_frame = max_frame
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -40,6 +44,9 @@ class FrameProtocol(asyncio.Protocol):
         pos, size, head = 0, len(buf), wire.HEAD.size
         while size - pos >= head:
             length, kind, tag = wire.HEAD.unpack_from(buf, pos)
+            if length > self.max_frame:
+                self._oversized(length, kind)
+                return
             end = pos + head + length
             if end > size:
                 break
@@ -51,6 +58,14 @@ class FrameProtocol(asyncio.Protocol):
                 log.exception("worker channel: frame kind %d failed", kind)
         if pos:
             del buf[:pos]
+
+    def _oversized(self, length: int, kind: int) -> None:
+        log.error("worker channel: a frame of %d bytes (kind %d) is over this channel's limit of %d bytes; "
+                  "closing the channel", length, kind, self.max_frame)
+        self._buf = bytearray()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost follows (on_lost: the port is retired)
 
     def connection_lost(self, exc) -> None:
         self.closed = True

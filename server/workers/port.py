@@ -1,6 +1,7 @@
 """The engine's side of one worker process: its arenas, its two channels, its requests in flight.
 
-Unary requests run ``DataPlane.infer`` in a task; streams are admitted on the call channel
+Unary requests run ``DataPlane.infer``, driven from the frame's arrival and its response future
+(a task only when traced: its spans use context variables); streams are admitted on the call channel
 (``DataPlane.stream`` is synchronous) and pumped to the data channel. Request tensors are numpy
 views into the worker's request arena; when the last view of a request is gone (the scheduler and
 the backend are done with it) the block goes back to the worker in a RELEASE frame. Responses are
@@ -11,6 +12,7 @@ written into this port's response arena and freed when the worker says so. When 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -18,11 +20,13 @@ import threading
 import weakref
 from typing import Any
 
-from server.core.errors import ServingError
+from server.core.errors import ErrorCode, ServingError
 
 from . import arena, calls, codec, templates, wire
 
 log = logging.getLogger(__name__)
+
+EARLY_CANCELS = 1024  # CANCELs of unknown tags remembered per worker (oldest forgotten first)
 
 
 class WorkerPort:
@@ -41,8 +45,12 @@ class WorkerPort:
         self.retired = False
         self.inflight: dict[int, Any] = {}  # tag -> unary task, or ResponseStream
         self.templates: dict[int, templates.Template] = {}  # request shapes this worker described
-        self._response_templates: dict[tuple, templates.Template] = {}  # response shapes sent to it
-        self._pumps: set[asyncio.Task] = set()
+        # response shapes sent to it, per (model, version)
+        self._response_templates: dict[tuple[str, str], list[templates.Template]] = {}
+        self._response_template_count = 0
+        self._pumps: set[asyncio.Task] = set()  # stream pumps: cancelled with the worker
+        self._controls: set[asyncio.Task] = set()  # load/unload/...: run to their end (they change the server)
+        self._cancelled_early: dict[int, None] = {}  # CANCELs of tags not (yet) in flight, oldest first
         self._stream_traces: dict[int, Any] = {}
         self._held: dict[int, tuple] = {}  # id(weakref to a request's root view) -> (ref, block)
         self._released: list[int] = []
@@ -66,7 +74,7 @@ class WorkerPort:
         elif kind == wire.PING:
             self.data.send(wire.PONG, 0, self.hub.state())
         elif kind == wire.CONTROL:
-            self._spawn(self._control(self.data, tag, body))
+            self._spawn(self._control(self.data, tag, body), self._controls)
         elif kind == wire.TRACE_END:
             trace = self._stream_traces.pop(tag, None)
             if trace is not None:
@@ -79,15 +87,22 @@ class WorkerPort:
         if kind == wire.INFER:
             self._admit_stream(tag, body)
         elif kind == wire.CONTROL:
-            self._spawn(self._control(self.call, tag, body))
+            self._spawn(self._control(self.call, tag, body), self._controls)
 
     # -- inference ---------------------------------------------------------------------------
 
     def _decode(self, body: bytes, kind: int = wire.INFER):
-        if kind == wire.INFER_FAST:
-            decoded = templates.read_fast_request(body, self.templates, self.request_buf)
-        else:
-            decoded = codec.decode_request(body, self.request_buf)
+        try:
+            if kind == wire.INFER_FAST:
+                decoded = templates.read_fast_request(body, self.templates, self.request_buf)
+            else:
+                decoded = codec.decode_request(body, self.request_buf)
+        except Exception:
+            # nothing here will read the request's block: the worker may have it back now
+            block = (templates.fast_request_block if kind == wire.INFER_FAST else codec.request_block)(body)
+            if block >= 0:
+                self._release(block)
+            raise
         views = decoded.views
         if views.block >= 0:
             ref = weakref.ref(views.root, self._views_gone)
@@ -101,9 +116,55 @@ class WorkerPort:
         try:
             request = self._decode(body, kind)
         except Exception as exc:  # noqa: BLE001 - a malformed frame fails its request only
+            if not isinstance(exc, ServingError):
+                log.error("frontend worker %d: request %d could not be read: %s", self.slot, tag, exc)
             self.data.send(wire.ERROR, tag, wire.error_body(_malformed(exc)))
             return
-        self.inflight[tag] = asyncio.ensure_future(self._unary(tag, request))
+        if request.trace is not None:  # its spans set context variables: it gets a task (a context) of its own
+            self.inflight[tag] = asyncio.ensure_future(self._unary(tag, request))
+            return
+        # DataPlane.infer driven here rather than by a task: it runs at once (admission, validation and
+        # the scheduler's submit happen while this frame is read) and resumes from its response future's
+        # callback, without a Task object and its extra scheduling hop per request
+        self._step(tag, self.hub.dataplane.infer(request))
+
+    def _step(self, tag: int, coro) -> None:
+        try:
+            waited = coro.send(None)
+        except StopIteration as done:  # (a cancelled request raises CancelledError instead)
+            self.inflight.pop(tag, None)
+            self._answer(tag, done.value)
+            return
+        except asyncio.CancelledError:
+            self.inflight.pop(tag, None)
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure goes back as the request's status
+            self.inflight.pop(tag, None)
+            self._failed(tag, exc)
+            return
+        if waited is None:  # a bare yield (asyncio.sleep(0)): go on in the next iteration
+            self.inflight[tag] = _Running(coro, None)
+            self.hub.loop.call_soon(self._resume, tag, coro, None)
+            return
+        waited._asyncio_future_blocking = False
+        self.inflight[tag] = _Running(coro, waited)
+        waited.add_done_callback(functools.partial(self._resume, tag, coro))
+
+    def _resume(self, tag: int, coro, _future) -> None:
+        running = self.inflight.get(tag)
+        if running is None or running.coro is not coro:
+            coro.close()  # cancelled and forgotten (its worker is gone): its cleanup runs here
+            return
+        self._step(tag, coro)
+
+    def _answer(self, tag: int, response) -> None:
+        self._respond(tag, response)
+        self.served += 1
+
+    def _failed(self, tag: int, exc: BaseException) -> None:
+        if not isinstance(exc, ServingError):
+            log.error("inference for frontend worker %d failed", self.slot, exc_info=exc)
+        self.data.send(wire.ERROR, tag, wire.error_body(exc))
 
     async def _unary(self, tag: int, request) -> None:
         try:
@@ -112,41 +173,55 @@ class WorkerPort:
             self.inflight.pop(tag, None)
             return
         except Exception as exc:  # noqa: BLE001 - every failure goes back as the request's status
-            if not isinstance(exc, ServingError):
-                log.error("inference for frontend worker %d failed", self.slot, exc_info=exc)
             if self.inflight.pop(tag, None) is not None:
-                self.data.send(wire.ERROR, tag, wire.error_body(exc))
+                self._failed(tag, exc)
             return
         if self.inflight.pop(tag, None) is not None:
-            self._respond(tag, response)
-        self.served += 1
+            self._answer(tag, response)
 
     def _respond(self, tag: int, response) -> None:
         """Send one response: its short form when its shape was sent before, else the full one."""
-        key = templates.response_key(response)
-        if key is not None:
-            template = self._response_templates.get(key)
-            if template is None and len(self._response_templates) < templates.MAX_TEMPLATES:
-                try:
-                    template = templates.new_response_template(len(self._response_templates) + 1, response)
-                except ValueError:
-                    template = None
-                if template is not None:
-                    self._response_templates[key] = template
-                    self.data.send(wire.RESPONSE_TEMPLATE, template.id, template.describe())
-            if template is not None:
-                arrays = [t.data for t in response.outputs]
-                block = template.write(arrays, self.response_buf, self.response_alloc)
-                if block >= 0 or not template.size:
-                    body = templates.fast_response(template, block, response)
-                    self.data.send(wire.RESPONSE_FAST, tag, body)
-                    return
+        template = self._response_template(response)
+        if template is not None:
+            block = template.write([t.data for t in response.outputs], self.response_buf, self.response_alloc)
+            if block >= 0 or not template.size:
+                self.data.send(wire.RESPONSE_FAST, tag, templates.fast_response(template, block, response))
+                return
         body, _ = codec.encode_response(response, self.response_buf, self.response_alloc)
         self.data.send(wire.RESPONSE, tag, body)
+
+    def _response_template(self, response) -> templates.Template | None:
+        """The template that says this response (sent to the worker first when it is new), or None
+        when only the full form can (parameters, an error, a non-final response, BYTES, ...)."""
+        if response.parameters or response.error is not None or not response.final:
+            return None
+        key = (response.model_name, response.model_version)
+        known = self._response_templates.get(key)
+        if known is None:
+            known = self._response_templates[key] = []
+        outputs = response.outputs
+        for template in known:
+            if template.matches(outputs):
+                return template
+        if self._response_template_count >= templates.MAX_TEMPLATES or templates.response_key(response) is None:
+            return None
+        try:
+            template = templates.new_response_template(self._response_template_count + 1, response)
+        except ValueError:
+            return None
+        self._response_template_count += 1
+        known.append(template)
+        self.data.send(wire.RESPONSE_TEMPLATE, template.id, template.describe())
+        return template
 
     def _admit_stream(self, tag: int, body: bytes) -> None:
         try:
             request = self._decode(body)
+            if tag in self._cancelled_early:
+                del self._cancelled_early[tag]
+                # the worker gave up on this admission (its call timed out) and said so on the data
+                # channel, which the engine read first: the request must not start
+                raise ServingError(ErrorCode.CANCELLED, "the caller cancelled the request before it was admitted")
             stream = self.hub.dataplane.stream(request)
         except Exception as exc:  # noqa: BLE001 - the refusal is the caller's answer
             if not isinstance(exc, ServingError):
@@ -178,8 +253,24 @@ class WorkerPort:
             self.served += 1
 
     def _cancel(self, tag: int) -> None:
+        work = self.inflight.get(tag)
+        if isinstance(work, _Running):
+            # cancelling what it awaits makes it raise CancelledError where it waits (as a task's
+            # cancel would): the data plane's sink tells the scheduler, its finally blocks run
+            if work.waited is not None and work.waited.cancel():
+                return  # _step pops it when the coroutine has unwound
+            self.inflight.pop(tag, None)
+            if work.waited is None:
+                work.coro.close()
+            return
         work = self.inflight.pop(tag, None)
         if work is None:
+            # finished already (its answer crossed the CANCEL), or a stream admission still on its way
+            # over the call channel: remember it, boundedly, so that admission does not start it
+            early = self._cancelled_early
+            early[tag] = None
+            if len(early) > EARLY_CANCELS:
+                del early[next(iter(early))]
             return
         if isinstance(work, asyncio.Future):
             work.cancel()
@@ -221,13 +312,14 @@ class WorkerPort:
             if not isinstance(exc, ServingError):
                 log.error("engine call from frontend worker %d failed", self.slot, exc_info=exc)
             reply = calls.reply_error(exc)
-        if channel is not None:
+        if channel is not None and not self.retired:  # a retired worker's caller is gone: the work is done anyway
             channel.send(wire.REPLY, tag, reply)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro, tasks: set | None = None) -> None:
+        tasks = self._pumps if tasks is None else tasks
         task = asyncio.ensure_future(coro)
-        self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     # -- blocks ------------------------------------------------------------------------------
 
@@ -235,7 +327,11 @@ class WorkerPort:
         held = self._held.pop(id(ref), None)
         if held is None or self.retired:
             return
-        block = held[1]
+        self._release(held[1])
+
+    def _release(self, block: int) -> None:
+        if self.retired:
+            return
         self._released.append(block)
         if not self._release_scheduled:
             self._release_scheduled = True
@@ -279,11 +375,20 @@ class WorkerPort:
                 shm.unlink()  # the name goes now; the memory when the last view of it is gone
             except FileNotFoundError:
                 pass
-        self.hub.release_later([self.request_shm, self.response_shm])
         self.request_buf = self.response_buf = None
+        self.hub.release_later([self.request_shm, self.response_shm])
+
+
+class _Running:
+    """A unary request's DataPlane.infer coroutine, and the future it waits on."""
+
+    __slots__ = ("coro", "waited")
+
+    def __init__(self, coro, waited) -> None:
+        self.coro, self.waited = coro, waited
 
 
 def _malformed(exc: BaseException) -> ServingError:
-    from server.core.errors import ErrorCode
-
+    if isinstance(exc, ServingError):  # e.g. an unknown datatype: the caller's own mistake, said as such
+        return exc
     return ServingError(ErrorCode.INTERNAL, f"malformed request frame from a frontend worker: {exc}")

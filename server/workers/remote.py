@@ -105,6 +105,13 @@ class RemoteDataPlane:
             self._data.close()
         if self._calls is not None:
             self._calls.close()
+        # unmap the arenas (the engine unlinks them); a view a frontend still holds keeps its mapping
+        self._resp_buf = self._req_buf = None
+        for shm in (self._req_shm, self._resp_shm):
+            try:
+                shm.close()
+            except BufferError:
+                pass
 
     async def _beat(self) -> None:
         interval = min(0.5, self._timeout / 4)

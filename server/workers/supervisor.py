@@ -37,6 +37,9 @@ class Supervisor:
         self.tracing = tracing
         self.settings = settings
         self.count: int = settings.frontend_workers
+        # the longest frame a worker may send (a longer one closes its channel: wire.request_frame_limit)
+        self.max_request_frame = wire.request_frame_limit(settings.grpc_max_message_bytes,
+                                                          settings.http_max_input_size)
         self.token = secrets.token_hex(16)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ports: dict[int, WorkerPort] = {}
@@ -63,8 +66,13 @@ class Supervisor:
         self._dir = tempfile.mkdtemp(prefix="inferd-engine-")  # 0700: only this user reaches the socket
         self.path = os.path.join(self._dir, "engine.sock")
         self._server = await self.loop.create_unix_server(lambda: EngineChannel(self), self.path)
+        log.info("engine socket for frontend workers: %s", self.path)
         for slot in range(self.count):
-            self._spawn(slot)
+            try:
+                self._spawn(slot)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of processes or memory: the start fails
+                await self.stop(0)
+                raise SystemExit(f"inferd: frontend worker {slot} could not be started: {exc}") from None
         self._housekeeping = self.loop.create_task(self._tidy())
         deadline = time.monotonic() + START_TIMEOUT
         while not all(p.up for p in self.ports.values()):
@@ -98,9 +106,15 @@ class Supervisor:
             # the whole Settings (a dataclass, pickled once by spawn): the frontends read theirs from it
             "settings": s,
         }
-        proc = self._ctx.Process(target=process.main, args=(config,), name=f"inferd-worker-{slot}",
-                                 daemon=True)
-        proc.start()
+        try:
+            proc = self._ctx.Process(target=process.main, args=(config,), name=f"inferd-worker-{slot}",
+                                     daemon=True)
+            proc.start()
+        except BaseException:
+            # no process will ever map this generation's arenas: unlink them now, not at exit
+            del self.ports[slot]
+            port.retire()
+            raise
         port.pid = proc.pid
         self.procs[slot] = proc
         self.loop.add_reader(proc.sentinel, functools.partial(self._exited, slot, proc))
@@ -165,6 +179,9 @@ class Supervisor:
             self._up.set()
             return
         log.error("frontend worker %d (pid %d) exited with %s; restarting it", slot, proc.pid, proc.exitcode)
+        self._schedule_respawn(slot)
+
+    def _schedule_respawn(self, slot: int) -> None:
         recent = [t for t in self._restarts.get(slot, []) if time.monotonic() - t < 30.0]
         recent.append(time.monotonic())
         self._restarts[slot] = recent
@@ -173,8 +190,13 @@ class Supervisor:
         self.loop.call_later(delay, self._respawn, slot)
 
     def _respawn(self, slot: int) -> None:
-        if not self._stopping:
+        if self._stopping:
+            return
+        try:
             self._spawn(slot)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of processes: try again after the back-off
+            log.error("frontend worker %d could not be restarted: %s; trying again", slot, exc)
+            self._schedule_respawn(slot)
 
     def release_later(self, segments: list) -> None:
         self._retired_shm.extend(segments)
@@ -214,12 +236,13 @@ class Supervisor:
                 log.warning("frontend worker pid %d did not stop; killing it", proc.pid)
                 proc.kill()
                 await asyncio.to_thread(proc.join, 2.0)
-        for slot, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 self.loop.remove_reader(proc.sentinel)
             except (ValueError, OSError):
                 pass
-            self.ports[slot].retire()
+        for port in self.ports.values():
+            port.retire()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self._server is not None:

@@ -30,7 +30,7 @@ class Template:
     """One message shape: its model, its tensors' (name, datatype, shape, dtype, offset, bytes), the
     outputs asked for, and the block size its tensors need."""
 
-    __slots__ = ("id", "model", "version", "tensors", "outputs", "size")
+    __slots__ = ("id", "model", "version", "tensors", "outputs", "size", "_match")
 
     def __init__(self, tid: int, model: str, version: str, tensors: list, outputs: list[str]) -> None:
         self.id, self.model, self.version, self.outputs = tid, model, version, outputs
@@ -43,6 +43,21 @@ class Template:
             self.tensors.append((name, datatype, tuple(shape), dtype, pos, nbytes))
             pos += align(nbytes)
         self.size = pos
+        # what a message's tensors must be for this template to say them: name, datatype, shape as the
+        # message declares it (a list) and as its array has it (a tuple), the array's dtype
+        self._match = [(name, datatype, list(shape), shape, dtype)
+                       for name, datatype, shape, dtype, _, _ in self.tensors]
+
+    def matches(self, tensors: list[Tensor]) -> bool:
+        """Whether ``tensors`` have exactly this template's shape (plain arrays, no parameters)."""
+        if len(tensors) != len(self._match):
+            return False
+        for t, (name, datatype, shape, array_shape, dtype) in zip(tensors, self._match):
+            data = t.data
+            if t.name != name or t.datatype != datatype or t.shape != shape or t.parameters \
+                    or type(data) is not np.ndarray or data.dtype != dtype or data.shape != array_shape:
+                return False
+        return True
 
     def describe(self) -> bytes:
         tensors = [[n, dt, list(shape)] for n, dt, shape, _, _, _ in self.tensors]
@@ -121,6 +136,13 @@ def fast_request(template: Template, block: int, request: InferRequest) -> bytes
     rid = request.id.encode()
     deadline = math.nan if request.deadline is None else request.deadline
     return _FAST_REQUEST.pack(template.id, deadline, block, template.size, len(rid)) + rid
+
+
+def fast_request_block(body: bytes) -> int:
+    """The arena block an INFER_FAST body names (-1: none, or a body too short to say)."""
+    if len(body) < _FAST_REQUEST.size:
+        return -1
+    return _FAST_REQUEST.unpack_from(body)[2]
 
 
 def read_fast_request(body: bytes, templates: dict[int, Template], buf: memoryview) -> DecodedRequest:

@@ -14,6 +14,11 @@ from typing import Any
 from server.core.errors import ErrorCode, ServingError
 
 HEAD = struct.Struct("<IBQ")  # body length, kind, tag
+# the largest frame body a reader accepts unless told otherwise: a response may carry up to gRPC's
+# largest message (2 GiB - 1) of outputs inline, plus its descriptors; the engine reads its workers'
+# frames with a limit derived from the frontends' request limits (request_frame_limit)
+MAX_FRAME = (2**31 - 1) + (16 << 20)
+HELLO_MAX = 64 << 10  # before a connection said who it is: a HELLO is a few hundred bytes
 
 # worker -> engine
 INFER, CANCEL, RELEASE, CONTROL, PING, TRACE_END, HELLO, UP = 1, 2, 3, 4, 5, 6, 7, 8
@@ -29,6 +34,13 @@ FINAL, FAILED = 1, 2
 
 # trace kinds: how the engine rebuilds the caller's context (Tracing.from_grpc / from_http / a stream's)
 TRACE_NONE, TRACE_GRPC, TRACE_HTTP, TRACE_STREAM = 0, 1, 2, 3
+
+
+def request_frame_limit(grpc_max_message: int, http_max_input: int) -> int:
+    """The largest frame a worker can have a reason to send: a request decoded from the largest
+    message a frontend accepts (REST JSON can grow up to 4x: "0," becomes an 8-byte FP64), written
+    inline, or a load call's ``file:`` contents in base64 (4/3), plus room for the descriptors."""
+    return min(2 * max(grpc_max_message, 4 * http_max_input) + (16 << 20), 2**32 - 1)
 
 
 def frame(kind: int, tag: int, body: bytes = b"") -> bytes:
