@@ -13,6 +13,7 @@ import logging
 import signal
 from typing import Any
 
+from server.core import loops
 from server.frontends.grpc.server import GrpcFrontend
 from server.frontends.http.server import HttpFrontend
 from server.security import Security
@@ -32,7 +33,7 @@ def main(config: dict[str, Any]) -> None:
         format=f"%(asctime)s %(levelname)s worker{config['slot']} %(name)s: %(message)s",
     )
     try:
-        asyncio.run(_serve(config))
+        loops.runner(config["settings"].event_loop)(_serve(config))  # the engine's choice (--event-loop)
     except Exception as exc:  # noqa: BLE001 - reported once, the engine restarts this worker
         log.error("frontend worker %d failed: %s", config["slot"], exc)
         raise SystemExit(1) from None
