@@ -84,15 +84,16 @@ class ModelConfig:
     decoupled: bool = False
     warmup: tuple[WarmupSample, ...] = ()
     ensemble: tuple[EnsembleStep, ...] = ()  # platform "ensemble": its steps, in configuration order
+    # name -> spec (the first of a name), built once: looked up for every input and output of every request
+    _inputs_by_name: dict[str, TensorConfig] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _outputs_by_name: dict[str, TensorConfig] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inputs_by_name", {spec.name: spec for spec in reversed(self.inputs)})
+        object.__setattr__(self, "_outputs_by_name", {spec.name: spec for spec in reversed(self.outputs)})
 
     def input(self, name: str) -> TensorConfig | None:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self._inputs_by_name.get(name)
 
     def output(self, name: str) -> TensorConfig | None:
-        for spec in self.outputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self._outputs_by_name.get(name)
