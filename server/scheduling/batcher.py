@@ -28,6 +28,7 @@ from . import batching
 from .instances import Instance, Job
 from .queues import DONE, QUEUED, RUNNING, Pending, Queues
 
+_NO_POLICY = QueuePolicy()  # a model without dynamic batching: one level, no limits
 NO_RESPONSE = "model '{}' finished a request without sending a response"
 
 
@@ -104,7 +105,7 @@ class Scheduler:
                 f"Exceeds maximum queue size: {policy.max_queue_size} requests already queued "
                 f"for model '{self.config.name}' at priority level {level}",
             )
-        timeout_us = self._timeout_us(policy, parameters)
+        timeout_us = self._timeout_us(policy, parameters) if parameters or policy.default_timeout_us else 0
         timeout_at = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         size = next(iter(inputs.values())).shape[0] if self._batched and inputs else 1
         key = batching.batch_key(inputs) if self._db else None
@@ -133,7 +134,7 @@ class Scheduler:
     def _level_and_policy(self, parameters: Mapping[str, object]) -> tuple[int, QueuePolicy]:
         db = self._db
         if db is None:
-            return 1, QueuePolicy()
+            return 1, _NO_POLICY
         level = self._default_level
         priority = parameters.get("priority")
         if priority not in (None, 0):

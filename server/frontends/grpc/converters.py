@@ -59,38 +59,37 @@ def to_request(msg: pb.ModelInferRequest | RawInferRequest, deadline: float | No
         raw, msg = msg.raw, msg.msg
     else:
         raw = msg.raw_input_contents
+    available = len(raw)
     inputs: list[Tensor] = []
     next_raw = 0
-    for tensor in msg.inputs:
-        shape = list(tensor.shape)
-        if tensor.datatype not in dtypes.NUMPY_DTYPES:
-            raise invalid(f"input '{tensor.name}' has unknown datatype '{tensor.datatype}'; expected one of "
+    for tensor in msg.inputs:  # each protobuf field is read once: an access costs a conversion
+        name, datatype, shape, tensor_params = tensor.name, tensor.datatype, list(tensor.shape), tensor.parameters
+        if datatype not in dtypes.NUMPY_DTYPES:
+            raise invalid(f"input '{name}' has unknown datatype '{datatype}'; expected one of "
                           f"{', '.join(dtypes.DATATYPES)}")
-        tensor_params = tensor.parameters
         if tensor_params and "shared_memory_region" in tensor_params:  # the data plane maps it; no raw entry
             if tensor.HasField("contents"):
-                raise invalid(f"input '{tensor.name}' has both contents and shared_memory_region; send one")
-            data = np.empty(0, dtype=dtypes.NUMPY_DTYPES[tensor.datatype])
+                raise invalid(f"input '{name}' has both contents and shared_memory_region; send one")
+            data = np.empty(0, dtype=dtypes.NUMPY_DTYPES[datatype])
         elif tensor.HasField("contents"):
             data = _typed(tensor, shape)
-        elif next_raw < len(raw):
-            data = dtypes.decode_raw(tensor.name, tensor.datatype, shape, raw[next_raw])
+        elif next_raw < available:
+            data = dtypes.decode_raw(name, datatype, shape, raw[next_raw])
             next_raw += 1
         else:
-            raise invalid(f"unable to find data for input tensor '{tensor.name}': it has no contents and "
-                          f"raw_input_contents has {len(raw)} entries for the inputs before it")
-        inputs.append(Tensor(tensor.name, tensor.datatype, shape, data, params(tensor_params)))
-    if next_raw != len(raw):
-        raise invalid(f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs take their data "
+            raise invalid(f"unable to find data for input tensor '{name}': it has no contents and "
+                          f"raw_input_contents has {available} entries for the inputs before it")
+        inputs.append(Tensor(name, datatype, shape, data, params(tensor_params) if tensor_params else {}))
+    if next_raw != available:
+        raise invalid(f"raw_input_contents has {available} entries but only {next_raw} inputs take their data "
                       "from it (one entry per input without typed contents, in input order)")
+    wanted = msg.outputs
+    request_params = msg.parameters
     return InferRequest(
-        model_name=msg.model_name,
-        model_version=msg.model_version,
-        id=msg.id,
-        inputs=inputs,
-        outputs=[RequestedOutput(o.name, params(o.parameters)) for o in msg.outputs],
-        parameters=params(msg.parameters),
-        deadline=deadline,
+        msg.model_name, msg.model_version, msg.id, inputs,
+        [RequestedOutput(o.name, params(o.parameters)) for o in wanted] if wanted else [],
+        params(request_params) if request_params else {},
+        deadline,
     )
 
 
