@@ -29,6 +29,8 @@ import loadgen  # noqa: E402
 
 ANCHOR = ROOT.parent / "shared" / "anchors" / "triton"
 CASES = [("add_sub", 1), ("add_sub", 16), ("mlp", 64)]
+# inferd only: mlp under a 25 ms latency target (docs/batching.md), at c=64 and at c=16 beside plain mlp
+INFERD_CASES = CASES + [("mlp_latency", 64), ("mlp", 16), ("mlp_latency", 16)]
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -54,13 +56,13 @@ def tree_cpu(pid: int) -> float:
     return sum(times.get(p, 0.0) for p in wanted)
 
 
-def mean_batch(url: str, model: str) -> float:
+def batch_counts(url: str, model: str) -> tuple[int, int]:
+    """(inference_count, execution_count) from the statistics extension."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(url) as client:
         stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    executions = int(stats.get("execution_count", 0))
-    return int(stats.get("inference_count", 0)) / executions if executions else 0.0
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
 def measure(url: str, pid: int, model: str, concurrency: int, seconds: float, stats: bool = True) -> dict:
@@ -68,12 +70,14 @@ def measure(url: str, pid: int, model: str, concurrency: int, seconds: float, st
     feed, types = bench.inputs_for(model)
     payload = loadgen.make_request(model, feed, types)
     loadgen.run(url, payload, concurrency, 1.0, warmup=0.5)  # warm, then measure
+    counts = batch_counts(url, model) if stats else (0, 0)
     before = tree_cpu(pid)
     result = loadgen.run(url, payload, concurrency, seconds, warmup=0.0)
     cpu = tree_cpu(pid) - before
+    inferences, executions = (a - b for a, b in zip(batch_counts(url, model), counts)) if stats else (0, 0)
     return {"rps": result.throughput, "p50": result.pct(50), "p99": result.pct(99),
             "cpu_us": cpu / max(1, result.requests) * 1e6, "errors": result.errors,
-            "batch": mean_batch(url, model) if stats else 0.0}
+            "batch": inferences / executions if executions else 0.0}  # over the measured seconds
 
 
 def floor(seconds: float) -> dict:
@@ -100,17 +104,18 @@ def floor(seconds: float) -> dict:
     return out
 
 
-def triton(seconds: float) -> dict | None:
-    if not (ANCHOR / "start.sh").exists():
+def triton(seconds: float, kit: Path = ANCHOR) -> dict | None:
+    if not (kit / "start.sh").exists():
+        print(f"no Triton kit at {kit} (--triton-kit): Triton rows skipped")
         return None
     repo = ROOT / ".cache" / "triton_bench_repo"
-    made = subprocess.run([sys.executable, str(ANCHOR / "make_repo.py"), str(repo)], capture_output=True, text=True,
+    made = subprocess.run([sys.executable, str(kit / "make_repo.py"), str(repo)], capture_output=True, text=True,
                           env={**os.environ, "BENCH_REPO": str(bench.BENCH_REPO)})
     if made.returncode != 0:
         print("Triton repository not built:", made.stderr[-500:])
         return None
     ports = [bench.free_port() for _ in range(3)]
-    started = subprocess.run(["bash", str(ANCHOR / "start.sh"), str(repo), *map(str, ports)],
+    started = subprocess.run(["bash", str(kit / "start.sh"), str(repo), *map(str, ports)],
                              capture_output=True, text=True)
     if started.returncode != 0:
         print("Triton did not start (run ../shared/anchors/triton/setup.sh):", started.stderr[-500:])
@@ -125,29 +130,34 @@ def triton(seconds: float) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--triton-kit", type=Path, default=ANCHOR,
+                        help="the Triton anchor kit's folder (default: %(default)s)")
     args = parser.parse_args()
     (ROOT / ".cache").mkdir(exist_ok=True)
     bench.build_repository()
     rows = {"echo floor": floor(args.seconds)}
     server = bench.start_inferd()
     try:
-        rows["inferd"] = {(m, c): measure(server.url, server.proc.pid, m, c, args.seconds) for m, c in CASES}
+        rows["inferd"] = {(m, c): measure(server.url, server.proc.pid, m, c, args.seconds) for m, c in INFERD_CASES}
     finally:
         server.stop()
-    found = triton(args.seconds)
+    found = triton(args.seconds, args.triton_kit)
     if found is not None:
         rows["triton"] = found
     print(f"# inferd vs the echo floor and Triton ({os.cpu_count()} cores, {args.seconds:.0f} s a case, "
           "Python gRPC client)\n")
     print("| case | server | req/s | p50 ms | p99 ms | server CPU us/req | mean batch | inferd / this |")
     print("|---|---|---|---|---|---|---|---|")
-    for model, concurrency in CASES:
+    for model, concurrency in INFERD_CASES:
         mine = rows["inferd"][(model, concurrency)]
         for name, table in rows.items():
             r = table.get((model, concurrency))
             if r is None:
                 continue
             ratio = "" if name == "inferd" else f"{mine['rps'] / r['rps']:.2f}x req/s, {mine['cpu_us'] / r['cpu_us']:.2f}x CPU"
+            tuned = rows.get("triton", {}).get(("mlp", concurrency)) if model == "mlp_latency" else None
+            if tuned is not None:  # against Triton's tuned mlp
+                ratio = f"vs Triton mlp: {mine['rps'] / tuned['rps']:.2f}x req/s, {mine['p99'] / tuned['p99']:.2f}x p99"
             errors = f" ({r['errors']} errors)" if r["errors"] else ""
             print(f"| {model} c={concurrency} | {name} | {r['rps']:,.0f}{errors} | {r['p50']:.2f} | {r['p99']:.2f} | "
                   f"{r['cpu_us']:.0f} | {r['batch']:.1f} | {ratio} |")
