@@ -52,7 +52,7 @@ def _policy(target_ms: float | None = None, adaptive: bool = True) -> BatchPolic
 
 def test_the_completed_batch_plus_the_waiting_ones_are_expected_back():
     rule = _policy()
-    rule.completed(_timing(40, 10), queued=20, started_ns=0, now_ns=11 * MS)
+    rule.completed(_timing(40, 10), queued=20, head_arrived_ns=0, started_ns=0, now_ns=11 * MS)
     assert rule.expected == 60
     # 30 queued of 60 expected: wait, at most 5 execution times after the instance went idle
     until = rule.wait_until(30, head_arrived_ns=11 * MS, now_ns=12 * MS, delay_until=None)
@@ -62,23 +62,23 @@ def test_the_completed_batch_plus_the_waiting_ones_are_expected_back():
 
 def test_an_expectation_that_is_not_met_shrinks_to_what_came():
     rule = _policy()
-    rule.completed(_timing(40, 10), queued=20, started_ns=0, now_ns=11 * MS)
+    rule.completed(_timing(40, 10), queued=20, head_arrived_ns=0, started_ns=0, now_ns=11 * MS)
     assert rule.wait_until(25, 11 * MS, 61 * MS + 1, None) is None  # the wait is over
     assert rule.expected == 25
-    rule.completed(_timing(25, 10), queued=0, started_ns=41 * MS, now_ns=52 * MS)
+    rule.completed(_timing(25, 10), queued=0, head_arrived_ns=41 * MS, started_ns=41 * MS, now_ns=52 * MS)
     assert rule.expected == 25
 
 
 def test_a_lone_client_never_waits():
     rule = _policy()
-    rule.completed(_timing(1, 10), queued=0, started_ns=0, now_ns=11 * MS)
+    rule.completed(_timing(1, 10), queued=0, head_arrived_ns=0, started_ns=0, now_ns=11 * MS)
     assert rule.wait_until(1, 11 * MS, 12 * MS, None) is None
 
 
 def test_a_model_about_as_fast_as_the_hop_to_its_instance_never_waits():
     rule = _policy()
     # executed in 0.1 ms but came back 0.5 ms after it was handed over: the server is the bottleneck
-    rule.completed(_timing(8, 0.1), queued=8, started_ns=0, now_ns=int(0.5 * MS))
+    rule.completed(_timing(8, 0.1), queued=8, head_arrived_ns=0, started_ns=0, now_ns=int(0.5 * MS))
     assert rule.expected == 16
     assert rule.wait_until(4, 0, int(0.6 * MS), None) is None
 
@@ -89,7 +89,7 @@ def test_nothing_is_awaited_before_a_batch_was_measured():
 
 def test_a_configured_delay_keeps_its_own_rule():
     rule = _policy(adaptive=False)
-    rule.completed(_timing(40, 10), queued=20, started_ns=0, now_ns=11 * MS)
+    rule.completed(_timing(40, 10), queued=20, head_arrived_ns=0, started_ns=0, now_ns=11 * MS)
     assert rule.wait_until(30, 11 * MS, 12 * MS, None) is None  # work-conserving without a delay
     assert rule.wait_until(30, 11 * MS, 12 * MS, 31 * MS) == 31 * MS
     assert rule.wait_until(64, 11 * MS, 12 * MS, 31 * MS) is None  # full
@@ -98,7 +98,7 @@ def test_a_configured_delay_keeps_its_own_rule():
 def test_latency_target_caps_the_batch_and_shortens_the_wait():
     rule = _policy(target_ms=25, adaptive=False)  # 20 ms of it planned for queue wait + execution
     for n in (1, 16, 32, 64):
-        rule.completed(_timing(n, 1 + 0.5 * n), queued=0, started_ns=0, now_ns=0)
+        rule.completed(_timing(n, 1 + 0.5 * n), queued=0, head_arrived_ns=0, started_ns=0, now_ns=0)
     assert rule.limit == 38  # 1 + 0.5 * 38 = 20 ms
     # a configured 40 ms delay ends when the oldest has just time left for its batch (5 ms for 8)
     until = rule.wait_until(8, head_arrived_ns=0, now_ns=1 * MS, delay_until=40 * MS)
@@ -106,6 +106,19 @@ def test_latency_target_caps_the_batch_and_shortens_the_wait():
     # once the oldest cannot make it any more, the configured rule decides alone
     assert rule.wait_until(8, head_arrived_ns=0, now_ns=19 * MS, delay_until=40 * MS) == 40 * MS
     assert rule.wait_until(38, head_arrived_ns=0, now_ns=1 * MS, delay_until=40 * MS) is None  # full
+
+
+def test_a_target_out_of_reach_stops_shortening_waits():
+    rule = _policy(target_ms=25)  # 20 ms planned
+    for _ in range(30):  # every batch's oldest request took 40 ms: the load asks for more
+        rule.completed(_timing(32, 10), queued=32, head_arrived_ns=0, started_ns=30 * MS, now_ns=40 * MS)
+    assert rule.late > 0.5
+    # the adaptive wait (up to 5 x 10 ms after idle) is no longer cut to the oldest's deadline
+    assert rule.wait_until(20, head_arrived_ns=40 * MS, now_ns=41 * MS, delay_until=None) == 90 * MS
+    for _ in range(30):  # the load eases: oldest requests finish within 15 ms
+        rule.completed(_timing(32, 10), queued=32, head_arrived_ns=0, started_ns=5 * MS, now_ns=15 * MS)
+    assert rule.late < 0.5
+    assert rule.wait_until(20, head_arrived_ns=15 * MS, now_ns=16 * MS, delay_until=None) == pytest.approx(25 * MS, abs=10)
 
 
 @pytest.mark.parametrize("raw, value", [("25", 25.0), ("0.5", 0.5), (" 7 ", 7.0)])

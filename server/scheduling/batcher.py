@@ -244,7 +244,9 @@ class Scheduler:
     def _on_done(self, instance: Instance, job: Job) -> None:
         self._idle.append(instance)
         if self._policy is not None:
-            self._policy.completed(job.timing, self._queues.count, job.members[0].started_ns, time.perf_counter_ns())
+            head = job.members[0]
+            self._policy.completed(job.timing, self._queues.count, head.arrived_ns, head.started_ns,
+                                   time.perf_counter_ns())
         if self._ordered:
             self._held[job.seq] = job
             while self._release_seq in self._held:

@@ -138,11 +138,17 @@ class BatchPolicy:
         self.idle_since = 0  # perf_counter ns when an instance last became idle
         self.limit = max_batch  # the largest batch (a latency target lowers it)
         self.hop_ns = 0.0  # a batch's way to its instance thread and back, beyond its execution (EWMA)
+        self.late = 0.0  # share of recent batches whose oldest request missed the target (EWMA)
 
-    def completed(self, timing: BatchTiming | None, queued: int, started_ns: int, now_ns: int) -> None:
-        """An instance finished a batch handed to it at ``started_ns`` (``timing`` None: it failed,
-        nothing learnt) while ``queued`` requests waited."""
+    def completed(self, timing: BatchTiming | None, queued: int, head_arrived_ns: int, started_ns: int,
+                  now_ns: int) -> None:
+        """An instance finished a batch handed to it at ``started_ns``, whose oldest request arrived
+        at ``head_arrived_ns`` (``timing`` None: it failed, nothing learnt), while ``queued``
+        requests waited."""
         self.idle_since = now_ns
+        if self.budget_ns is not None:
+            missed = 1.0 if now_ns - head_arrived_ns > self.budget_ns else 0.0
+            self.late = self.late * DECAY + missed * (1 - DECAY)
         if timing is None or timing.batch_size <= 0:
             return
         executed = timing.input_ns + timing.infer_ns + timing.output_ns
@@ -178,9 +184,10 @@ class BatchPolicy:
             until = self.idle_since + int(predicted * WAIT_FRACTION)
             if until <= now_ns:  # the expectation was not met: it shrinks to what came
                 self.expected = queued
-        if self.budget_ns is not None and self.execution.known:
-            # the oldest request must still make the target after the wait and its batch; once it
-            # cannot any more, waiting for a fuller batch is the quickest way back under it
+        if self.budget_ns is not None and self.execution.known and self.late < 0.5:
+            # the oldest request must still make the target after the wait and its batch. Once it
+            # cannot any more, or when most recent batches missed it anyway (the load asks for more
+            # than the target allows: Little's law), a fuller batch is the quickest way back under it
             latest = head_arrived_ns + int(self.budget_ns - self.execution.predict(max(queued, 1)))
             if latest > now_ns:
                 until = min(until, latest)
