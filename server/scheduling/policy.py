@@ -15,7 +15,9 @@ the server's per-request work, not the instance, limits throughput.
 
 An optional latency target (config ``parameters`` key ``latency_target_ms``) caps the batch at the
 largest whose predicted execution fits the target, and ends any wait (adaptive or configured) when
-the oldest request would otherwise miss the target after its batch executes.
+the oldest request would otherwise miss the target after its batch executes, unless the target is
+out of reach at this load (most recent batches' oldest requests missed it anyway): then a fuller
+batch is the quickest way back under it.
 """
 
 from __future__ import annotations
