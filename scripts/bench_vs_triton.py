@@ -142,17 +142,18 @@ def floor(client: str, cases: list, seconds: float) -> dict:
     return out
 
 
-def triton(client: str, cases: list, seconds: float) -> dict | None:
-    if not (ANCHOR / "start.sh").exists():
+def triton(client: str, cases: list, seconds: float, kit: Path = ANCHOR) -> dict | None:
+    if not (kit / "start.sh").exists():
+        print(f"no Triton kit at {kit} (--triton-kit): Triton rows skipped")
         return None
     repo = ROOT / ".cache" / "triton_bench_repo"
-    made = subprocess.run([sys.executable, str(ANCHOR / "make_repo.py"), str(repo)], capture_output=True, text=True,
+    made = subprocess.run([sys.executable, str(kit / "make_repo.py"), str(repo)], capture_output=True, text=True,
                           env={**os.environ, "BENCH_REPO": str(bench.BENCH_REPO)})
     if made.returncode != 0:
         print("Triton repository not built:", made.stderr[-500:])
         return None
     ports = [bench.free_port() for _ in range(3)]
-    started = subprocess.run(["bash", str(ANCHOR / "start.sh"), str(repo), *map(str, ports)],
+    started = subprocess.run(["bash", str(kit / "start.sh"), str(repo), *map(str, ports)],
                              capture_output=True, text=True)
     if started.returncode != 0:
         print("Triton did not start (run ../shared/anchors/triton/setup.sh):", started.stderr[-500:])
@@ -211,6 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--client", choices=["auto", "perf_analyzer", "python"], default="auto")
+    parser.add_argument("--triton-kit", type=Path, default=ANCHOR,
+                        help="the Triton anchor kit's folder (default: %(default)s)")
     args = parser.parse_args()
     (ROOT / ".cache").mkdir(exist_ok=True)
     bench.build_repository()
@@ -218,9 +221,11 @@ def main() -> None:
     if client == "auto":
         client = "perf_analyzer" if perf_analyzer_works() else "python"
     cases = CASES if client == "perf_analyzer" else [c for c in CASES if c[2] == "grpc"]
-    extra = [(LATENCY_MODEL, 64, "grpc")] if (bench.BENCH_REPO / LATENCY_MODEL).is_dir() else []
+    # inferd only: mlp under a 25 ms latency target (docs/batching.md), at c=64, and at c=16 beside plain mlp
+    extra = ([(LATENCY_MODEL, 64, "grpc"), ("mlp", 16, "grpc"), (LATENCY_MODEL, 16, "grpc")]
+             if (bench.BENCH_REPO / LATENCY_MODEL).is_dir() else [])
     rows = {"floor": floor(client, cases, args.seconds), "inferd": inferd(client, cases + extra, args.seconds)}
-    found = triton(client, cases, args.seconds)
+    found = triton(client, cases, args.seconds, args.triton_kit)
     if found is not None:
         rows["triton"] = found
     print(f"# inferd vs the transport floors and Triton ({os.cpu_count()} cores, {args.seconds:.0f} s windows, "

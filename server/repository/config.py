@@ -17,6 +17,7 @@ from server.core.dtypes import config_name, from_config_name
 from server.core.errors import ErrorCode, ServingError
 from server.core.types import TensorSpec
 from server.protos import model_config_pb2 as mc
+from server.scheduling.policy import LATENCY_TARGET_KEY, latency_target_ms
 
 
 def _precondition(model: str, message: str) -> ServingError:
@@ -144,6 +145,7 @@ def validate(config: mc.ModelConfig) -> None:
             if any(d < -1 or d == 0 for d in entry.dims):
                 raise _precondition(name, f"{kind} '{entry.name}' has invalid dims {list(entry.dims)}")
     db = config.dynamic_batching if config.WhichOneof("scheduling_choice") == "dynamic_batching" else None
+    _latency_target(config, db)
     if config.WhichOneof("scheduling_choice") == "sequence_batching":
         raise ServingError(ErrorCode.UNIMPLEMENTED, f"model '{name}': sequence_batching is not supported yet")
     if (config.WhichOneof("scheduling_choice") == "ensemble_scheduling") != (config.platform == "ensemble"):
@@ -167,6 +169,14 @@ def validate(config: mc.ModelConfig) -> None:
         if group.kind in (mc.ModelInstanceGroup.KIND_CPU, mc.ModelInstanceGroup.KIND_MODEL) and group.gpus:
             raise _precondition(name, f"instance group '{group.name}' of {mc.ModelInstanceGroup.Kind.Name(group.kind)}"
                                       " cannot list gpus")
+
+
+def _latency_target(config: mc.ModelConfig, db) -> None:
+    """The batcher's latency target parameter is a positive number, on a model the batcher serves."""
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    if latency_target_ms(parameters, config.name) is not None and (db is None or config.max_batch_size <= 0):
+        raise _precondition(config.name, f"parameter '{LATENCY_TARGET_KEY}' needs dynamic_batching and "
+                                         "max_batch_size > 0: it bounds how long the dynamic batcher waits")
 
 
 def _tensor(entry) -> core.TensorConfig:

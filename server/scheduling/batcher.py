@@ -1,8 +1,8 @@
 """The per model-version scheduler: admission, batch formation, dispatch to instances, completion.
 
 Runs on the event loop. Requests wait in ``Queues`` (one per priority level); whenever an instance
-is idle the scheduler forms the next batch (work-conserving unless ``max_queue_delay_us`` asks it
-to wait for a fuller batch) and hands it to that instance's thread. Without dynamic batching every
+is idle the scheduler forms the next batch (how long it may wait for a fuller one: policy.py) and
+hands it to that instance's thread. Without dynamic batching every
 request is its own batch. Every request carries a response sink (core/stream.py): a tensor-path
 batch ends with one final response per member; a request-path backend sends its own responses,
 and a decoupled model's request stays in flight until its final one.
@@ -24,7 +24,7 @@ from server.core.stream import cancelled_error
 from server.telemetry.observer import ModelObserver
 from server.telemetry.stats import BACKEND, CANCELED, OTHER, REJECTED
 
-from . import batching
+from . import batching, policy
 from .instances import Instance, Job
 from .queues import DONE, QUEUED, RUNNING, Pending, Queues
 
@@ -45,13 +45,14 @@ class Scheduler:
         self._batched = config.max_batch_size > 0
         self._db: DynamicBatching | None = config.dynamic_batching if self._batched else None
         db = self._db
-        self._max_batch = config.max_batch_size if db else 0
         levels = max(1, db.priority_levels) if db else 1
         self._default_level = (db.default_priority_level or 1) if db and db.priority_levels else 1
         self._queues = Queues(levels, loop, self._expired, self._dispatch)
         self._idle: list[Instance] = []
         self._instances: list[Instance] = []
         self._delay_handle: asyncio.TimerHandle | None = None
+        self._delay_at = 0  # perf_counter ns the armed delay timer fires at
+        self._policy = policy.policy_for(config) if db else None  # how long an idle instance waits
         self._running = 0  # requests handed to an instance and not yet finished (final response)
         self._idle_event = asyncio.Event()
         self._idle_event.set()
@@ -208,18 +209,23 @@ class Scheduler:
             return None
         if self._db is None:
             return [head]
-        db = self._db
+        db, rule = self._db, self._policy
         same = [p for p in self._queues if p.key == head.key]
-        count = batching.cut_size([p.size for p in same], self._max_batch, db.preferred_batch_sizes)
+        count = batching.cut_size([p.size for p in same], rule.limit, db.preferred_batch_sizes)
         members = same[: max(1, count)]
         total = sum(p.size for p in members)
-        if db.max_queue_delay_us and total < self._max_batch and total not in db.preferred_batch_sizes:
-            wait_until = head.arrived_ns + db.max_queue_delay_us * 1000
-            remaining = (wait_until - time.perf_counter_ns()) / 1e9
-            if remaining > 0:
-                if self._delay_handle is None or self._delay_handle.cancelled():
-                    self._delay_handle = self._loop.call_later(remaining, self._delay_expired)
-                return None
+        delay_until = None
+        if db.max_queue_delay_us and total not in db.preferred_batch_sizes:
+            delay_until = head.arrived_ns + db.max_queue_delay_us * 1000
+        now = time.perf_counter_ns()
+        wait_until = rule.wait_until(total, head.arrived_ns, now, delay_until)  # policy.py
+        if wait_until is not None:
+            if self._delay_handle is None or self._delay_handle.cancelled() or wait_until < self._delay_at:
+                if self._delay_handle is not None:
+                    self._delay_handle.cancel()
+                self._delay_at = wait_until
+                self._delay_handle = self._loop.call_later((wait_until - now) / 1e9, self._delay_expired)
+            return None
         return members
 
     def _delay_expired(self) -> None:
@@ -250,6 +256,10 @@ class Scheduler:
 
     def _on_done(self, instance: Instance, job: Job) -> None:
         self._idle.append(instance)
+        if self._policy is not None:
+            head = job.members[0]
+            self._policy.completed(job.timing, self._queues.count, head.arrived_ns, head.started_ns,
+                                   time.perf_counter_ns())
         if self._ordered:
             self._held[job.seq] = job
             while self._release_seq in self._held:
