@@ -88,19 +88,15 @@ def serve(port: int, sync: bool, ready, done, out) -> None:
         async def ServerReady(self, request, context):  # noqa: N802
             return pb.ServerReadyResponse(ready=True)
 
-    def cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
     if sync:
         server = grpc.server(futures.ThreadPoolExecutor(4))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         server.start()
-        start = cpu()
+        start = _cpu()
         ready.set()
         done.wait()
-        out.put((cpu() - start, calls[0]))
+        out.put((_cpu() - start, calls[0]))
         server.stop(0)
         return
 
@@ -109,10 +105,10 @@ def serve(port: int, sync: bool, ready, done, out) -> None:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
-        start = cpu()
+        start = _cpu()
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, done.wait)
-        out.put((cpu() - start, calls[0]))
+        out.put((_cpu() - start, calls[0]))
         await server.stop(0)
 
     loops.runner("auto")(main())  # the loop inferd runs on

@@ -103,3 +103,31 @@ def test_a_backend_that_does_not_declare_inline_always_runs_on_its_thread():
             await asyncio.to_thread(instance.close)
 
     asyncio.run(main())
+
+
+def test_a_model_that_keeps_overrunning_on_the_loop_stays_on_its_thread():
+    async def main():
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+        backend = _Recorder()
+        instance = _instance(backend, loop, done)
+        try:
+            overruns_on_loop = 0
+            for _ in range(instances._MAX_STRIKES):
+                for _ in range(2000):  # cheap again until it runs inline (a longer run each strike)
+                    await _run(instance, done, _job())
+                    if instance.inline:
+                        break
+                assert instance.inline
+                backend.delay = instances.INLINE_BUDGET_NS / 1e9 * 2
+                await _run(instance, done, _job())  # runs on the loop and overruns
+                backend.delay = 0.0
+                overruns_on_loop += backend.threads[-1] == threading.current_thread().name
+            assert overruns_on_loop == instances._MAX_STRIKES
+            for _ in range(instances._FAST_RUNS << instances._MAX_STRIKES):
+                await _run(instance, done, _job())
+            assert not instance.inline
+            assert set(backend.threads[-10:]) == {"inferd:m_0"}
+        finally:
+            await asyncio.to_thread(instance.close)
+
+    asyncio.run(main())

@@ -2,10 +2,10 @@
 
 Runs on the event loop. Requests wait in ``Queues`` (one per priority level); whenever an instance
 is idle the scheduler forms the next batch (how long it may wait for a fuller one: policy.py) and
-hands it to that instance's thread. Without dynamic batching every
-request is its own batch. Every request carries a response sink (core/stream.py): a tensor-path
-batch ends with one final response per member; a request-path backend sends its own responses,
-and a decoupled model's request stays in flight until its final one.
+hands it to that instance's thread (or runs it on the loop when measured cheap: instances.py).
+Without dynamic batching every request is its own batch. Every request carries a response sink
+(core/stream.py): a tensor-path batch ends with one final response per member; a request-path
+backend sends its own responses, and a decoupled model's request stays in flight until its final one.
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ server/core/loops.py) inferd's whole ModelInfer path in process went from 317 to
 request (scripts/bench_inprocess.py, before/after on the same machine). Only a backend that declares
 ``inline`` (pure in-process compute) qualifies, and only after ``_FAST_RUNS`` batches in a row took
 at most ``INLINE_BUDGET_NS``; one batch over it sends the next ones back to the thread, so a model
-that turns slow holds the loop for one batch at most. A batch with more input bytes than the
-largest one measured cheap goes to the thread too. While an instance runs inline, the scheduler
+that turns slow holds the loop for one batch at most. Each such overrun on the loop doubles the run
+of cheap batches needed before the next inline one, and after ``_MAX_STRIKES`` the instance stays
+on its thread: inputs that make a model slow now and then (data-dependent control flow) cannot
+keep stalling the loop. A batch with more input bytes than the largest one measured cheap goes to
+the thread too. While an instance runs inline, the scheduler
 dispatches once per loop iteration, so that the requests arriving together share a batch.
 """
 
@@ -39,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INLINE_BUDGET_NS = 150_000  # a batch measured under this may run on the event loop
-_FAST_RUNS = 8  # consecutive cheap batches before batches run inline
+_FAST_RUNS = 8  # consecutive cheap batches before batches run inline (doubled per strike)
+_MAX_STRIKES = 4  # inline batches over the budget before an instance stays on its thread
 
 
 @dataclass(slots=True)
@@ -155,54 +159,63 @@ class Instance:
         self._on_done = on_done
         self._observer = observer
         self.loaded_memory = memory  # process RSS growth while this instance loaded and warmed up
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Job, int] | None] = queue.SimpleQueue()  # (job, input bytes)
         self._may_inline = backend.inline and not uses_requests(backend)
         self._fast = 0  # batches in a row that took at most INLINE_BUDGET_NS
         self._fast_bytes = 0  # input bytes of the largest of those
+        self._strikes = 0  # inline batches that took longer than INLINE_BUDGET_NS
         self._thread = threading.Thread(target=self._run, name=f"inferd:{name}", daemon=True)
         self._thread.start()
 
     @property
     def inline(self) -> bool:
         """Cheap batches of this instance run on the event loop (see the module docstring)."""
-        return self._may_inline and self._fast >= _FAST_RUNS
-
-    def runs_inline(self, job: Job) -> bool:
-        """Whether ``submit`` will run ``job`` on the calling (event loop) thread."""
-        return self._fast >= _FAST_RUNS and _input_bytes(job) <= self._fast_bytes
+        return self._may_inline and self._fast >= _FAST_RUNS << self._strikes
 
     def submit(self, job: Job) -> None:
-        if self._may_inline and self.runs_inline(job):
-            self._execute(job)
+        if not self._may_inline:
+            self._jobs.put((job, 0))
+            return
+        size = _input_bytes(job)
+        if self.inline and size <= self._fast_bytes:
+            if not self._execute(job, size):
+                self._strikes += 1
+                if self._strikes >= _MAX_STRIKES:
+                    self._may_inline = False
+                    log.warning("instance %s: %d batches on the event loop took over %d us; its batches "
+                                "run on its thread from now on", self.name, self._strikes, INLINE_BUDGET_NS // 1000)
             self._loop.call_soon(self._on_done, self, job)
         else:
-            self._jobs.put(job)
+            self._jobs.put((job, size))
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job, size: int = 0) -> bool:
+        """Run ``job``; whether it took at most INLINE_BUDGET_NS (counted towards running inline)."""
         job.memory = self.memory()
         start = time.perf_counter_ns()
         self._observer.execute(run_job, self.backend, job, self.name)
-        if not self._may_inline:
-            return
-        if time.perf_counter_ns() - start <= INLINE_BUDGET_NS:
-            self._fast += 1
-            self._fast_bytes = max(self._fast_bytes, _input_bytes(job))
-        else:
-            self._fast = self._fast_bytes = 0
+        cheap = time.perf_counter_ns() - start <= INLINE_BUDGET_NS
+        if self._may_inline:
+            if cheap:
+                self._fast += 1
+                self._fast_bytes = max(self._fast_bytes, size)
+            else:
+                self._fast = self._fast_bytes = 0
+        return cheap
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            item = self._jobs.get()
+            if item is None:
                 return
-            self._execute(job)
+            job, size = item
+            self._execute(job, size)
             try:
                 self._loop.call_soon_threadsafe(self._on_done, self, job)
             except RuntimeError:  # loop closed during shutdown
                 return
             # not kept while waiting for the next one: its tensors (maybe views of a client's shared
             # memory that is waiting to be unmapped) go with its request
-            job = None
+            job = item = None
 
     def memory(self) -> int:
         """Bytes this instance holds: what its backend reports (device memory), else the RSS growth
