@@ -21,7 +21,7 @@ from tests.cases import CASES, check
 from tests.harness import ROOT, ServerProcess
 from tests.test_conformance import TRANSPORTS
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a dev dependency (the CPU build): missing is a failure, not a skip
 import torch_models as tm  # scripts/ is on sys.path via tests.harness
 
 INDEXED = """

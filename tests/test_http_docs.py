@@ -38,11 +38,11 @@ def test_the_doc_has_tested_curl_examples():
     assert sum(1 for _, _, code, kind, _ in EXAMPLES if "curl" in code and kind) >= 6
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 @pytest.mark.parametrize(
     "lang, code, kind, expected", [e[1:] for e in EXAMPLES], ids=[e[0] for e in EXAMPLES]
 )
 def test_example(server, tmp_path, lang, code, kind, expected):
+    assert shutil.which("curl"), "the documented examples are run with curl: install it (apt install curl)"
     code = code.replace("localhost:8000", server.http_url)
     if lang == "bash":
         run = subprocess.run(
