@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # at deflate's ~1000:1 a small body can inflate to the whole --http-max-input-size
 _THREAD_BYTES = 1 << 20
 _INFLATE_THREAD_BYTES = 64 << 10
+# a body up to this size that arrived whole is taken at once (the chunks joined: bounded by this)
+_WHOLE_BYTES = 64 << 10
 # replies larger than this are written part by part instead of joined into one buffer first
 _STREAM_BYTES = 1 << 20
 # stopping: a connection is closed once it was quiet this long (a client that just connected, or
@@ -238,13 +240,24 @@ class HttpFrontend:
         would hold the body twice). Never sized from Content-Length up front: a client that declares
         64 MiB and trickles bytes must not pin 64 MiB it has not sent."""
         timeout = self.limits.read_timeout
+        content = request.content
+        if declared is not None and declared <= _WHOLE_BYTES and content.is_eof():
+            # the usual small request: aiohttp parsed the whole body before this handler ran, so it
+            # is taken in one call, without the per-read timer (-4% of server CPU at add_sub c=16)
+            try:
+                body = content.read_nowait()
+            except HttpProcessingError as exc:
+                raise invalid(f"the request body could not be read: {exc.message}") from None
+            if len(body) != declared:
+                raise invalid(f"the request body ended after {len(body)} of its {declared} bytes")
+            return body
         body = bytearray()
         size = 0
         try:
             while True:
                 try:  # one timer moved per read (asyncio.timeout, not a task per read as wait_for)
                     async with asyncio.timeout(timeout):
-                        chunk = await request.content.readany()
+                        chunk = await content.readany()
                 except TimeoutError:
                     raise _Unread(HttpError(408, f"the request body stopped arriving for {timeout:g} s "
                                                  "(--http-read-timeout-secs)")) from None
