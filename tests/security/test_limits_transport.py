@@ -201,6 +201,22 @@ def test_slowloris_connections_are_closed(test_models, start_server):
     assert call(srv.http_url, "GET", "/v2/health/ready").status == 200
 
 
+def test_each_request_head_on_a_keepalive_connection_gets_its_own_deadline(test_models, start_server):
+    """The head deadline runs from the first byte of each head: a second head that starts 0.6 s after
+    the first request is not cut off at the first one's deadline, and is cut off at its own."""
+    srv = start_server([test_models], "--http-header-timeout-secs=1", "--http-keepalive-timeout-secs=30")
+    with _connect(srv) as sock:
+        sock.settimeout(5)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.6)
+        started = time.monotonic()
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")  # a head that never ends
+        assert not _closed_by_server(sock, 0.7)  # 1.3 s after the first head: still in its own second
+        assert _closed_by_server(sock, 3)
+        assert 0.9 < time.monotonic() - started < 3
+
+
 def test_slow_body_is_408(test_models, start_server):
     srv = start_server([test_models], "--http-read-timeout-secs=1")
     with _connect(srv) as sock:

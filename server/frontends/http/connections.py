@@ -55,11 +55,16 @@ class _Refused(asyncio.Protocol):
 
 class _Connection(RequestHandler):
     """aiohttp's request handler plus a deadline for each request head: it starts at the first byte
-    that arrives while no request is being handled and ends when the handler starts."""
+    that arrives while no request is being handled and ends when the handler starts.
+
+    One timer per connection, armed when a head starts while none is armed and re-armed from its own
+    callback while heads keep arriving in time: a keep-alive connection does not create and cancel a
+    timer per request (that was ~2% of the server's CPU at add_sub c=16 REST)."""
 
     def __init__(self, manager: "LimitedServer", *, head_timeout: float, **kwargs) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = head_timeout
+        self._head_since: float | None = None  # when the head now arriving started
         self._head_timer: asyncio.TimerHandle | None = None
         self._busy = False
         self.last_activity = time.monotonic()
@@ -67,25 +72,31 @@ class _Connection(RequestHandler):
     @property
     def quiet(self) -> bool:
         """No request being handled and none arriving (a head that started is one arriving)."""
-        return not self._busy and self._head_timer is None
+        return not self._busy and self._head_since is None
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
-        if data and not self._busy and self._head_timer is None:
-            self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
+        now = self.last_activity = time.monotonic()
+        if data and not self._busy and self._head_since is None:
+            self._head_since = now
+            if self._head_timer is None:
+                self._head_timer = self._loop.call_at(self._loop.time() + self._head_timeout, self._head_check)
         super().data_received(data)
 
-    def _head_expired(self) -> None:
+    def _head_check(self) -> None:
         self._head_timer = None
-        if not self._busy:
-            log.debug("closing a connection whose request headers did not arrive in %.1f s", self._head_timeout)
-            self.force_close()
+        since = self._head_since
+        if since is None or self._busy:
+            return
+        left = since + self._head_timeout - time.monotonic()
+        if left > 0:  # a later head, still in time: look again when its deadline comes
+            self._head_timer = self._loop.call_at(self._loop.time() + left, self._head_check)
+            return
+        log.debug("closing a connection whose request headers did not arrive in %.1f s", self._head_timeout)
+        self.force_close()
 
     def request_started(self) -> None:
         self._busy = True
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_since = None
 
     def request_finished(self) -> None:
         self._busy = False

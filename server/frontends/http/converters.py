@@ -94,17 +94,21 @@ def _header_length(value: str | None, body_length: int) -> int | None:
     return length
 
 
+_PARAM_TYPES = (str, int, float, bool)
+
+
 def _param_dict(value: object, where: str) -> dict:
+    """A ``parameters`` object (the parsed document's own dict: it is not shared with anything)."""
     if value is None:
         return {}
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise invalid(f"{where} 'parameters' must be a JSON object, got {type(value).__name__}")
     for key, item in value.items():
-        if not isinstance(item, (str, int, float, bool)):
+        if not isinstance(item, _PARAM_TYPES):
             raise invalid(
                 f"{where} parameter '{key}' must be a string, number or boolean, got {type(item).__name__}"
             )
-    return dict(value)
+    return value
 
 
 def _flag(params: dict, key: str, where: str, default: bool) -> bool:
@@ -115,10 +119,14 @@ def _flag(params: dict, key: str, where: str, default: bool) -> bool:
 
 
 def _shape(name: str, value: object) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise invalid(f"input '{name}': 'shape' must be an array of integers, got {repr(value)[:200]}")
-    dtypes.check_shape(name, value)
-    return value
+    if type(value) is list:
+        for dim in value:
+            if type(dim) is not int:  # (orjson gives plain ints; a bool or a fraction is refused)
+                break
+        else:
+            dtypes.check_shape(name, value)
+            return value
+    raise invalid(f"input '{name}': 'shape' must be an array of integers, got {repr(value)[:200]}")
 
 
 def _flat_strings(name: str, data: list, out: list) -> None:
