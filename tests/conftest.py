@@ -111,6 +111,12 @@ def test_models(example_repo, tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.fixture(params=["grpc", "http"])
+def kind(request) -> str:
+    """The transport a tritonclient-driven test runs over (each test runs over both)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def models_server(test_models, tmp_path_factory):
     """inferd serving the test models (session-wide)."""

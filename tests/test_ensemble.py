@@ -95,11 +95,6 @@ def ens_server(repo, tmp_path_factory):
     proc.stop()
 
 
-@pytest.fixture(params=["grpc", "http"])
-def kind(request) -> str:
-    return request.param
-
-
 @pytest.fixture
 def client(ens_server, kind):
     module = MODULES[kind]

@@ -45,11 +45,6 @@ def shm_server(tmp_path_factory):
     proc.stop()
 
 
-@pytest.fixture(params=["grpc", "http"])
-def kind(request) -> str:
-    return request.param
-
-
 @pytest.fixture
 def client(shm_server, kind):
     module = MODULES[kind]

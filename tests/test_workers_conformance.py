@@ -1,6 +1,9 @@
-"""The conformance table (tests/cases.py over every gRPC and REST transport) and the gRPC RPC tests,
-run unchanged against inferd with ``--frontend-workers 2``: the frontends live in two worker
-processes and talk to the engine process through the worker channel and shared memory."""
+"""The conformance table (tests/cases.py over every gRPC and REST transport), the gRPC RPC tests and
+the control-plane case table (tests/control_cases.py: metadata, config, statistics, index, trace
+settings, errors), run unchanged against inferd with ``--frontend-workers 2``: the frontends live in
+two worker processes and talk to the engine process through the worker channel and shared memory;
+the answers come from the engine through whichever worker took the connection, and must read exactly
+as in one process."""
 
 from __future__ import annotations
 
@@ -12,6 +15,11 @@ from tests.test_conformance import (  # noqa: F401 - collected here against the 
     test_case,
     test_server_unharmed_after_errors,
     transports,
+)
+from tests.test_control_conformance import (  # noqa: F401
+    test_both_transports_render_the_same_config,
+    test_control_case,
+    transport,
 )
 from tests.test_grpc_rpcs import (  # noqa: F401
     client,
