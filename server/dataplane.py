@@ -287,7 +287,8 @@ class DataPlane:
             if mv.config.decoupled:
                 raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
             sink = UnaryCallback(asyncio.get_running_loop(),
-                                 functools.partial(_complete, mv, request.id, outputs, cost, binding, on_done))
+                                 functools.partial(_complete, mv, request.id, outputs, cost, binding, on_done,
+                                                   self._checked))
             # no await between lookup and enqueue: a swap cannot retire this version in between
             mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace,
                                 sink, cost)
@@ -308,8 +309,8 @@ class DataPlane:
             token = self._tracing.begin(request)
         try:
             mv, inputs, outputs, empty_final, cost, binding = self._admit(request)
-            loop = asyncio.get_running_loop()
-            render = lambda item: _costed(_render(mv, request.id, outputs, item), cost)  # noqa: E731
+            loop, checked = asyncio.get_running_loop(), self._checked
+            render = lambda item: _costed(_render(mv, request.id, outputs, item, checked), cost)  # noqa: E731
             stream = ResponseStream(loop, mv.config.decoupled, render if binding is None else
                                     _writing_to_shm(render, binding))
             stream.empty_final = empty_final
@@ -332,13 +333,14 @@ class DataPlane:
 
 
 def _complete(mv: ModelVersion, request_id: str, outputs: list[str], cost: CostTicket, binding: Binding | None,
-              on_done: Callable[[InferResponse | None, BaseException | None], None], item: Item) -> None:
+              on_done: Callable[[InferResponse | None, BaseException | None], None],
+              checked: validation.CheckedShapes, item: Item) -> None:
     """A unary request's one final item as its response (outputs checked, shared-memory outputs
     written, cost figures added when asked), handed to ``on_done``; its regions are let go."""
     response: InferResponse | None = None
     error: BaseException | None = None
     try:
-        response = _render(mv, request_id, outputs, item)
+        response = _render(mv, request_id, outputs, item, checked)
         error = response.error  # an output the configuration does not allow, or the request's failure
         if error is None:
             if binding is not None:
@@ -415,7 +417,8 @@ def _costed(response: InferResponse, cost: CostTicket) -> InferResponse:
     return response
 
 
-def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item) -> InferResponse:
+def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item,
+            checked: validation.CheckedShapes) -> InferResponse:
     """A backend's response as an InferResponse, outputs checked against the configuration."""
     arrays, parameters, final, error = item
     config = mv.config
@@ -424,7 +427,7 @@ def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item) -
         try:
             for name in outputs:
                 if name in arrays:
-                    tensors.append(validation.check_output(config, name, arrays[name]))
+                    tensors.append(checked.output(config, name, arrays[name]))
         except ServingError as exc:
             log.error("model '%s' version %d: %s", config.name, mv.version, exc.message)
             error, tensors = exc, []

@@ -110,7 +110,8 @@ def check_outputs(config: ModelConfig, requested: list[RequestedOutput]) -> list
 
 
 class CheckedShapes:
-    """``check_inputs`` + ``check_outputs`` done once per request shape and model configuration.
+    """``check_inputs`` + ``check_outputs`` done once per request shape and model configuration, and
+``check_output`` once per output shape.
 
     A request whose ``shape_key`` is set was built from a fixed description (names, datatypes,
     shapes, requested outputs): once one such request passed the checks against a configuration,
@@ -119,10 +120,13 @@ class CheckedShapes:
     leaves no entry and every later one fails them again with the same message. At most ``limit``
     entries, the oldest dropped first."""
 
-    __slots__ = ("_plans", "limit")
+    __slots__ = ("_plans", "_outputs", "limit")
 
     def __init__(self, limit: int = 4096) -> None:
         self._plans: dict[tuple[Any, int], tuple[ModelConfig, list, list[str]]] = {}
+        # (output name, dtype, shape, id(config)) -> (config, datatype, shape, reshaped): check_output's
+        # verdict depends on nothing else, so a backend's outputs of one shape are checked once
+        self._outputs: dict[tuple, tuple[ModelConfig, str, tuple, bool]] = {}
         self.limit = limit
 
     def __len__(self) -> int:
@@ -147,6 +151,21 @@ class CheckedShapes:
             del plans[next(iter(plans))]
         plans[(key, id(config))] = (config, reshapes, list(outputs))  # the config is held: its id stays its own
         return arrays, outputs
+
+    def output(self, config: ModelConfig, name: str, array: np.ndarray) -> Tensor:
+        """``check_output``, its verdict remembered for the array's dtype and shape (a failure is
+        never remembered: it raises again with the same message)."""
+        key = (name, array.dtype, array.shape, id(config))
+        known = self._outputs.get(key)
+        if known is not None and known[0] is config:
+            _, datatype, shape, reshaped = known
+            return Tensor(name, datatype, list(shape), array.reshape(shape) if reshaped else array)
+        tensor = check_output(config, name, array)
+        memo = self._outputs
+        if len(memo) >= self.limit:
+            del memo[next(iter(memo))]
+        memo[key] = (config, tensor.datatype, tuple(tensor.shape), tensor.data is not array)
+        return tensor
 
 
 EMPTY_FINAL = "triton_enable_empty_final_response"
