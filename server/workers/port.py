@@ -309,15 +309,27 @@ class WorkerPort:
         self._released.append(block)
         if not self._release_scheduled:
             self._release_scheduled = True
+            # the RELEASE frame joins the data channel's next write (its before_flush), usually the
+            # one that carries the responses of the batch that let these blocks go
             if threading.get_ident() == self.hub.loop_thread:  # the usual case: no self-pipe wake-up
-                self.hub.loop.call_soon(self._flush_released)
+                self._flush_soon()
             else:
-                self.hub.loop.call_soon_threadsafe(self._flush_released)
+                self.hub.loop.call_soon_threadsafe(self._flush_soon)
 
-    def _flush_released(self) -> None:
+    def _flush_soon(self) -> None:
+        data = self.data
+        if data is None or data.closed:
+            self.flush_released()
+        else:
+            data.flush_soon()
+
+    def flush_released(self) -> None:
+        """The data channel's ``before_flush``: the blocks freed since its last write, in one frame."""
+        if not self._released:
+            return
         self._release_scheduled = False
         blocks, self._released = self._released, []
-        if blocks and self.data is not None:
+        if self.data is not None:
             self.data.send(wire.RELEASE, 0, wire.release_body(blocks))
 
     # -- the end -----------------------------------------------------------------------------
