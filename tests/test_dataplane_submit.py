@@ -206,8 +206,6 @@ def test_checked_shapes_is_bounded_and_keys_on_the_configuration_object():
 
 
 def test_an_output_shape_is_checked_once_and_a_bad_output_is_refused_each_time():
-    from server.core.config import ModelConfig  # noqa: F401 - the type the data plane passes
-
     class Spec:
         def __init__(self, datatype, dims, reshape=None) -> None:
             self.datatype, self.dims, self.reshape = datatype, dims, reshape

@@ -411,7 +411,7 @@ class RemoteDataPlane:
             raise
 
     def submit(self, request: InferRequest,
-               on_done: Callable[[InferResponse | None, BaseException | None], None]) -> "_Submitted":
+               on_done: Callable[[InferResponse | None, BaseException | None], None]) -> _Submitted:
         """The DataPlane's synchronous unary entry, through the engine: ``on_done(response, None)`` or
         ``on_done(None, error)`` once the engine answered, never after the handle's ``cancel()``.
         Refusals this side can tell at once (engine down or full) raise here; the engine's own come
