@@ -251,7 +251,9 @@ def engine_only(model: str, concurrency: int, seconds: float, warmup: float) -> 
         return {"model": model, "c": concurrency, "rps": done / elapsed, "batch": done / max(1, b1 - b0),
                 "engine_us": (cpu1 - cpu0) / done * 1e6, "loop_us": (loop1 - loop0) / done * 1e6}
 
-    return asyncio.run(run())
+    from server.core import loops
+
+    return loops.runner(settings.event_loop)(run())  # the engine's own loop (uvloop when installed)
 
 
 def main() -> None:

@@ -10,15 +10,16 @@ schedules it with a response sink, and renders what the backend produced into ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from server import __version__
 from server.core.errors import ErrorCode, ServingError, invalid, unavailable
 from server.core.names import check_model_name
-from server.core.stream import Item, ResponseStream, UnaryResponse
+from server.core.stream import Item, ResponseStream, UnaryCallback
 from server.core.types import IndexEntry, InferRequest, InferResponse, ModelMetadata, Tensor, TensorMetadata
 from server.protos import model_config_pb2 as mc
 from server.repository import canary_spec
@@ -52,6 +53,8 @@ class DataPlane:
         self.changes = repository.changes  # readiness may have changed (started/draining: the app says)
         # system shared-memory regions (server/shm.py); registering needs --allow-client-shm
         self._shm = SharedMemoryRegistry(allow_client_shm)
+        # validation verdicts of requests built from one description (InferRequest.shape_key)
+        self._checked = validation.CheckedShapes()
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -254,8 +257,7 @@ class DataPlane:
                           f"response parameters), got {want!r}")
         binding = self._shm.bind(request, mv.config.name)  # shared-memory inputs become views
         try:
-            inputs = validation.check_inputs(mv.config, request)
-            outputs = validation.check_outputs(mv.config, request.outputs)
+            inputs, outputs = self._checked.check(mv.config, request)
         except BaseException:
             if binding is not None:
                 binding.release()
@@ -263,26 +265,40 @@ class DataPlane:
         return mv, inputs, outputs, empty_final, CostTicket(request.caller, want), binding
 
     async def _infer(self, request: InferRequest) -> InferResponse:
+        future = asyncio.get_running_loop().create_future()
+        sink = self.submit(request, functools.partial(_settle, future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            sink.cancel()  # the caller is gone: the scheduler drops it (or ignores its result)
+            raise
+
+    def submit(self, request: InferRequest,
+               on_done: Callable[[InferResponse | None, BaseException | None], None]) -> UnaryCallback:
+        """A unary inference without a coroutine (``infer`` awaits it; a frontend worker's engine
+        port calls it directly). Admission, validation and the scheduler's submit happen now: a
+        refusal raises ServingError here. Later, on the loop, ``on_done(response, None)`` or
+        ``on_done(None, error)`` is called exactly once, unless the returned sink's ``cancel()``
+        came first (then never). ``on_done`` runs inside the scheduler's completion: it must be
+        short and must not start requests. The request's server span is the caller's business
+        (``infer`` opens it for a traced request)."""
         mv, inputs, outputs, _, cost, binding = self._admit(request)
         try:
             if mv.config.decoupled:
                 raise ServingError(ErrorCode.UNIMPLEMENTED, DECOUPLED_UNARY)
-            sink = UnaryResponse(asyncio.get_running_loop())
+            sink = UnaryCallback(asyncio.get_running_loop(),
+                                 functools.partial(_complete, mv, request.id, outputs, cost, binding, on_done,
+                                                   self._checked))
             # no await between lookup and enqueue: a swap cannot retire this version in between
             mv.scheduler.submit(request.id, inputs, outputs, request.parameters, request.deadline, request.trace,
                                 sink, cost)
-            response = _render(mv, request.id, outputs, await sink.result())
-            if response.error is not None:  # an output the configuration does not allow
-                raise response.error
+        except BaseException:
             if binding is not None:
-                response.outputs = binding.write(response.outputs)
-            if cost.want:
-                response.parameters.update(cost.figures())
-            return response
-        finally:
-            if binding is not None:  # the regions may be unmapped now (when they were unregistered)
-                inputs = {}  # noqa: F841 - drops this frame's views of them first
                 binding.release()
+            raise
+        if binding is not None:  # a cancelled request lets its regions go at once
+            sink.on_cancel(binding.release)
+        return sink
 
     def stream(self, request: InferRequest) -> ResponseStream:
         """Start a request on any model; iterate the returned stream for its responses (each with
@@ -293,8 +309,8 @@ class DataPlane:
             token = self._tracing.begin(request)
         try:
             mv, inputs, outputs, empty_final, cost, binding = self._admit(request)
-            loop = asyncio.get_running_loop()
-            render = lambda item: _costed(_render(mv, request.id, outputs, item), cost)  # noqa: E731
+            loop, checked = asyncio.get_running_loop(), self._checked
+            render = lambda item: _costed(_render(mv, request.id, outputs, item, checked), cost)  # noqa: E731
             stream = ResponseStream(loop, mv.config.decoupled, render if binding is None else
                                     _writing_to_shm(render, binding))
             stream.empty_final = empty_final
@@ -314,6 +330,43 @@ class DataPlane:
                 self._tracing.end(request, token, exc.code.name, exc.message)
             raise
         return stream
+
+
+def _complete(mv: ModelVersion, request_id: str, outputs: list[str], cost: CostTicket, binding: Binding | None,
+              on_done: Callable[[InferResponse | None, BaseException | None], None],
+              checked: validation.CheckedShapes, item: Item) -> None:
+    """A unary request's one final item as its response (outputs checked, shared-memory outputs
+    written, cost figures added when asked), handed to ``on_done``; its regions are let go."""
+    response: InferResponse | None = None
+    error: BaseException | None = None
+    try:
+        response = _render(mv, request_id, outputs, item, checked)
+        error = response.error  # an output the configuration does not allow, or the request's failure
+        if error is None:
+            if binding is not None:
+                response.outputs = binding.write(response.outputs)
+            if cost.want:
+                response.parameters.update(cost.figures())
+    except Exception as exc:  # noqa: BLE001 - the request's failure, reported to its caller
+        error = exc
+    finally:
+        if binding is not None:
+            binding.release()
+    try:
+        if error is not None:
+            on_done(None, error)
+        else:
+            on_done(response, None)
+    except Exception:  # noqa: BLE001 - a caller's bug must not break the scheduler's completion loop
+        log.exception("the completion callback of request '%s' failed", request_id)
+
+
+def _settle(future: asyncio.Future, response: InferResponse | None, error: BaseException | None) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(response)
 
 
 def _writing_to_shm(render: Any, binding: Binding) -> Any:
@@ -364,7 +417,8 @@ def _costed(response: InferResponse, cost: CostTicket) -> InferResponse:
     return response
 
 
-def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item) -> InferResponse:
+def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item,
+            checked: validation.CheckedShapes) -> InferResponse:
     """A backend's response as an InferResponse, outputs checked against the configuration."""
     arrays, parameters, final, error = item
     config = mv.config
@@ -373,7 +427,7 @@ def _render(mv: ModelVersion, request_id: str, outputs: list[str], item: Item) -
         try:
             for name in outputs:
                 if name in arrays:
-                    tensors.append(validation.check_output(config, name, arrays[name]))
+                    tensors.append(checked.output(config, name, arrays[name]))
         except ServingError as exc:
             log.error("model '%s' version %d: %s", config.name, mv.version, exc.message)
             error, tensors = exc, []

@@ -5,7 +5,7 @@ Every message names the input or output and what was expected, so a client can f
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -107,6 +107,65 @@ def check_outputs(config: ModelConfig, requested: list[RequestedOutput]) -> list
             raise invalid(f"output '{out.name}': the classification extension is not supported")
         names.append(out.name)
     return names
+
+
+class CheckedShapes:
+    """``check_inputs`` + ``check_outputs`` done once per request shape and model configuration, and
+``check_output`` once per output shape.
+
+    A request whose ``shape_key`` is set was built from a fixed description (names, datatypes,
+    shapes, requested outputs): once one such request passed the checks against a configuration,
+    the next ones need only the same reshapes. Entries are keyed by the configuration's identity, so
+    a reload (a new ModelVersion, a new configuration) checks again; a request that fails the checks
+    leaves no entry and every later one fails them again with the same message. At most ``limit``
+    entries, the oldest dropped first."""
+
+    __slots__ = ("_plans", "_outputs", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._plans: dict[tuple[Any, int], tuple[ModelConfig, list, list[str]]] = {}
+        # (output name, dtype, shape, id(config)) -> (config, datatype, shape, reshaped): check_output's
+        # verdict depends on nothing else, so a backend's outputs of one shape are checked once
+        self._outputs: dict[tuple, tuple[ModelConfig, str, tuple, bool]] = {}
+        self.limit = limit
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def check(self, config: ModelConfig, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
+        """(name -> array as the backend expects it, the output names to return)."""
+        key = request.shape_key
+        if key is None:
+            return check_inputs(config, request), check_outputs(config, request.outputs)
+        plan = self._plans.get((key, id(config)))
+        if plan is not None and plan[0] is config:
+            arrays = {}
+            for tensor, reshape in zip(request.inputs, plan[1]):
+                arrays[tensor.name] = tensor.data if reshape is None else tensor.data.reshape(reshape)
+            return arrays, list(plan[2])
+        arrays = check_inputs(config, request)
+        outputs = check_outputs(config, request.outputs)
+        reshapes = [None if config.input(t.name).reshape is None else arrays[t.name].shape for t in request.inputs]
+        plans = self._plans
+        if len(plans) >= self.limit:
+            del plans[next(iter(plans))]
+        plans[(key, id(config))] = (config, reshapes, list(outputs))  # the config is held: its id stays its own
+        return arrays, outputs
+
+    def output(self, config: ModelConfig, name: str, array: np.ndarray) -> Tensor:
+        """``check_output``, its verdict remembered for the array's dtype and shape (a failure is
+        never remembered: it raises again with the same message)."""
+        key = (name, array.dtype, array.shape, id(config))
+        known = self._outputs.get(key)
+        if known is not None and known[0] is config:
+            _, datatype, shape, reshaped = known
+            return Tensor(name, datatype, list(shape), array.reshape(shape) if reshaped else array)
+        tensor = check_output(config, name, array)
+        memo = self._outputs
+        if len(memo) >= self.limit:
+            del memo[next(iter(memo))]
+        memo[key] = (config, tensor.datatype, tuple(tensor.shape), tensor.data is not array)
+        return tensor
 
 
 EMPTY_FINAL = "triton_enable_empty_final_response"

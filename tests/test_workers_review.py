@@ -39,9 +39,13 @@ class _Channel:
     def __init__(self) -> None:
         self.frames: list[tuple[int, int, bytes]] = []
         self.closed = False
+        self.before_flush = None
 
     def send(self, kind: int, tag: int, body: bytes = b"") -> None:
         self.frames.append((kind, tag, body))
+
+    def flush_soon(self) -> None:  # as link.FrameProtocol: its before_flush runs at the next write
+        asyncio.get_running_loop().call_soon(lambda: self.before_flush and self.before_flush())
 
     def close(self) -> None:
         self.closed = True
@@ -73,6 +77,7 @@ class _Hub:
 def _port(dataplane=None) -> tuple[port.WorkerPort, _Channel, _Channel]:
     p = port.WorkerPort(_Hub(dataplane), 0, 1, 1 << 20)
     p.data, p.call = _Channel(), _Channel()
+    p.data.before_flush = p.flush_released  # as Supervisor.attach does
     return p, p.data, p.call
 
 

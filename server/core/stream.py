@@ -4,8 +4,9 @@ A sink is created on the event loop for every request. The producer side (the sc
 backend through the ``ResponseSender`` protocol of core/backend.py) may call ``send`` from any
 thread; delivery always happens on the loop. Two kinds:
 
-- ``UnaryResponse``: a unary call (gRPC ModelInfer, REST infer). It resolves one future with the
-  request's single response; the fast path (``finish``) costs one future resolution.
+- ``UnaryCallback``: a unary call (gRPC ModelInfer, REST infer, a frontend worker's request). It
+  hands the request's single response to one callback; ``UnaryResponse`` resolves a future with it
+  instead (for a caller that awaits). The fast path (``finish``) costs one call.
 - ``ResponseStream``: ModelStreamInfer, generate_stream, the OpenAI routes. An async iterator of
   ``InferResponse`` items, each with ``final`` and ``error``; ``cancel()`` tells the producer.
 
@@ -137,35 +138,64 @@ class _Sink:
             self.on_final = self.on_response = None
 
 
-class UnaryResponse(_Sink):
-    """The sink of a unary call: ``await result()`` gives the one response's item."""
+class UnaryCallback(_Sink):
+    """The sink of a unary call completed by a callback: ``on_item(item)`` is called once, on the
+    loop, with the request's one final item (an error item when the producer broke the sender
+    rules), unless the request was cancelled first (then never). No future, no task: the data
+    plane's synchronous entry (``DataPlane.submit``) uses it directly."""
 
-    __slots__ = ("_future", "_item")
+    __slots__ = ("_item", "_on_item")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_item: Callable[[Item], None]) -> None:
+        super().__init__(loop, decoupled=False)
+        self._item: Item | None = None
+        self._on_item: Callable[[Item], None] | None = on_item
+
+    def _deliver(self, item: Item, index: int) -> None:
+        if item[0] is not None or item[3] is not None or item[1]:
+            self._item = item
+        self._hooks(item, index)
+        if item[2]:
+            on_item, self._on_item = self._on_item, None
+            if on_item is None:
+                return
+            if self._item is None:
+                on_item((None, None, True, ServingError(ErrorCode.INTERNAL, FINAL_FIRST)))
+            else:
+                on_item(self._item)
+            self._item = None
+
+    def cancel(self) -> None:
+        self._on_item = None  # a cancelled request is not answered
+        super().cancel()
+
+
+class UnaryResponse(UnaryCallback):
+    """The sink of a unary call awaited on the loop: ``await result()`` gives the one response's
+    item (raises its error)."""
+
+    __slots__ = ("_future",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop, decoupled=False)
+        super().__init__(loop, self._resolve)
         self._future: asyncio.Future = loop.create_future()
-        self._item: Item | None = None
         self._future.add_done_callback(self._on_done)
 
     def _on_done(self, future: asyncio.Future) -> None:
         if future.cancelled():  # the awaiting caller was cancelled (client gone, deadline)
             self.cancel()
 
-    def _deliver(self, item: Item, index: int) -> None:
-        if item[0] is not None or item[3] is not None or item[1]:
-            self._item = item
-        self._hooks(item, index)
-        if item[2] and not self._future.done():
-            if self._item is None:
-                self._future.set_exception(ServingError(ErrorCode.INTERNAL, FINAL_FIRST))
-            elif self._item[3] is not None:
-                self._future.set_exception(self._item[3])
+    def _resolve(self, item: Item) -> None:
+        if not self._future.done():
+            if item[3] is not None:
+                self._future.set_exception(item[3])
             else:
-                self._future.set_result(self._item)
+                self._future.set_result(item)
 
     def result(self) -> asyncio.Future:
         return self._future
+
+    cancel = _Sink.cancel  # its future says what became of it (a cancelled future: nothing more)
 
 
 class ResponseStream(_Sink):

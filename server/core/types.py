@@ -47,6 +47,11 @@ class InferRequest:
     routing_key: str = ""
     # who is asking, for cost accounting (frontends/identity.py); "" when unknown
     caller: str = ""
+    # set by a frontend that built this request from a fixed description (a frontend worker's request
+    # template): every request with the same key has the same input names, datatypes and shapes and
+    # asks for the same outputs, so the data plane validates that shape once per model configuration.
+    # Hashed by identity; None (the usual case): validated request by request
+    shape_key: Any = None
 
 
 @dataclass(slots=True)

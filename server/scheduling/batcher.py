@@ -3,7 +3,9 @@
 Runs on the event loop. Requests wait in ``Queues`` (one per priority level); whenever an instance
 is idle the scheduler forms the next batch (how long it may wait for a fuller one: policy.py) and
 hands it to that instance's thread (or runs it on the loop when measured cheap: instances.py).
-Without dynamic batching every request is its own batch. Every request carries a response sink
+With dynamic batching the scheduler dispatches once per loop iteration, so that requests
+arriving together (a frontend worker's frames of one read) share one batch and one hand-off;
+without it every request is its own batch, dispatched at once. Every request carries a response sink
 (core/stream.py): a tensor-path batch ends with one final response per member; a request-path
 backend sends its own responses, and a decoupled model's request stays in flight until its final one.
 """
@@ -119,9 +121,10 @@ class Scheduler:
         self._queues.push(item)
         self.observer.queued(item, self._queues.count)
         self._idle_event.clear()
-        if self._idle and self._idle[-1].inline:
-            # the idle instance runs cheap batches on the loop: first let the requests that arrive
-            # in this loop iteration join the batch (one dispatch per iteration)
+        if self._idle and (self._db is not None or self._idle[-1].inline):
+            # first let the requests that arrive in this loop iteration (e.g. the frames of one read
+            # from a frontend worker) join the batch: one dispatch per iteration, so requests that
+            # arrive together share one hand-off to the instance thread (or one inline run)
             if not self._dispatch_soon:
                 self._dispatch_soon = True
                 self._loop.call_soon(self._deferred_dispatch)

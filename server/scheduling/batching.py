@@ -13,7 +13,10 @@ BatchKey = tuple
 
 def batch_key(inputs: Mapping[str, np.ndarray]) -> BatchKey:
     """Requests can share a batch when every input has the same dtype and non-batch shape."""
-    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
+    if len(inputs) == 1:  # runs per request: one input needs no sort
+        for name, a in inputs.items():
+            return ((name, a.dtype, a.shape[1:]),)
+    return tuple(sorted([(name, a.dtype, a.shape[1:]) for name, a in inputs.items()]))  # (names are unique)
 
 
 def cut_size(sizes: Sequence[int], max_batch: int, preferred: Sequence[int]) -> int:

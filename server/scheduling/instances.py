@@ -12,8 +12,8 @@ that turns slow holds the loop for one batch at most. Each such overrun on the l
 of cheap batches needed before the next inline one, and after ``_MAX_STRIKES`` the instance stays
 on its thread: inputs that make a model slow now and then (data-dependent control flow) cannot
 keep stalling the loop. A batch with more input bytes than the largest one measured cheap goes to
-the thread too. While an instance runs inline, the scheduler
-dispatches once per loop iteration, so that the requests arriving together share a batch.
+the thread too. While an instance runs inline (and always for a dynamically batched model), the
+scheduler dispatches once per loop iteration, so that the requests arriving together share a batch.
 """
 
 from __future__ import annotations

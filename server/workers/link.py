@@ -2,13 +2,15 @@
 
 Incoming bytes are cut into frames (wire.HEAD + body) and handed to ``on_frame``. Outgoing frames
 are coalesced: everything sent during one event-loop iteration leaves in one write, so a burst of
-responses costs one system call, not one each.
+responses costs one system call, not one each; ``before_flush`` adds frames that are gathered up
+to that write (a worker port's freed blocks) without a write, or a loop iteration, of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from . import wire
 
@@ -29,6 +31,7 @@ class FrameProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.paused = False  # the peer reads slower than we write
+        self.before_flush: Callable[[], None] | None = None  # called first by each write (may send)
         self.closed = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -95,7 +98,16 @@ class FrameProtocol(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush_soon(self) -> None:
+        """Have the next write happen in this loop iteration even when nothing is queued yet (for
+        ``before_flush``)."""
+        if not self._flush_scheduled and not self.closed and self.transport is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        if self.before_flush is not None:
+            self.before_flush()  # (still marked scheduled: what it sends joins this write)
         self._flush_scheduled = False
         out, self._out = self._out, []
         if out and not self.closed and not self.transport.is_closing():

@@ -1,8 +1,9 @@
 """The engine's side of one worker process: its arenas, its two channels, its requests in flight.
 
-Unary requests run ``DataPlane.infer``, driven from the frame's arrival and its response future
-(a task only when traced: its spans use context variables); streams are admitted on the call channel
-(``DataPlane.stream`` is synchronous) and pumped to the data channel. Request tensors are numpy
+Unary requests go through ``DataPlane.submit`` as their frame is read and are answered from its
+completion callback (a traced one runs ``DataPlane.infer`` in a task: its spans use context
+variables); streams are admitted on the call channel (``DataPlane.stream`` is synchronous) and
+pumped to the data channel. Request tensors are numpy
 views into the worker's request arena; when the last view of a request is gone (the scheduler and
 the backend are done with it) the block goes back to the worker in a RELEASE frame. Responses are
 written into this port's response arena and freed when the worker says so. When the worker dies,
@@ -123,39 +124,23 @@ class WorkerPort:
         if request.trace is not None:  # its spans set context variables: it gets a task (a context) of its own
             self.inflight[tag] = asyncio.ensure_future(self._unary(tag, request))
             return
-        # DataPlane.infer driven here rather than by a task: it runs at once (admission, validation and
-        # the scheduler's submit happen while this frame is read) and resumes from its response future's
-        # callback, without a Task object and its extra scheduling hop per request
-        self._step(tag, self.hub.dataplane.infer(request))
-
-    def _step(self, tag: int, coro) -> None:
+        # the data plane's synchronous entry: admission, validation and the scheduler's submit happen
+        # while this frame is read, and the response comes back through a callback (no coroutine,
+        # future or task per request)
         try:
-            waited = coro.send(None)
-        except StopIteration as done:  # (a cancelled request raises CancelledError instead)
-            self.inflight.pop(tag, None)
-            self._answer(tag, done.value)
-            return
-        except asyncio.CancelledError:
-            self.inflight.pop(tag, None)
-            return
-        except Exception as exc:  # noqa: BLE001 - every failure goes back as the request's status
-            self.inflight.pop(tag, None)
+            sink = self.hub.dataplane.submit(request, functools.partial(self._done, tag))
+        except Exception as exc:  # noqa: BLE001 - a refusal is the request's answer
             self._failed(tag, exc)
             return
-        if waited is None:  # a bare yield (asyncio.sleep(0)): go on in the next iteration
-            self.inflight[tag] = _Running(coro, None)
-            self.hub.loop.call_soon(self._resume, tag, coro, None)
-            return
-        waited._asyncio_future_blocking = False
-        self.inflight[tag] = _Running(coro, waited)
-        waited.add_done_callback(functools.partial(self._resume, tag, coro))
+        if not sink.closed:  # (a final already sent is answered, or about to be, without it)
+            self.inflight[tag] = sink
 
-    def _resume(self, tag: int, coro, _future) -> None:
-        running = self.inflight.get(tag)
-        if running is None or running.coro is not coro:
-            coro.close()  # cancelled and forgotten (its worker is gone): its cleanup runs here
-            return
-        self._step(tag, coro)
+    def _done(self, tag: int, response, error: BaseException | None) -> None:
+        self.inflight.pop(tag, None)
+        if error is None:
+            self._answer(tag, response)
+        else:
+            self._failed(tag, error)
 
     def _answer(self, tag: int, response) -> None:
         self._respond(tag, response)
@@ -253,16 +238,6 @@ class WorkerPort:
             self.served += 1
 
     def _cancel(self, tag: int) -> None:
-        work = self.inflight.get(tag)
-        if isinstance(work, _Running):
-            # cancelling what it awaits makes it raise CancelledError where it waits (as a task's
-            # cancel would): the data plane's sink tells the scheduler, its finally blocks run
-            if work.waited is not None and work.waited.cancel():
-                return  # _step pops it when the coroutine has unwound
-            self.inflight.pop(tag, None)
-            if work.waited is None:
-                work.coro.close()
-            return
         work = self.inflight.pop(tag, None)
         if work is None:
             # finished already (its answer crossed the CANCEL), or a stream admission still on its way
@@ -272,10 +247,9 @@ class WorkerPort:
             if len(early) > EARLY_CANCELS:
                 del early[next(iter(early))]
             return
-        if isinstance(work, asyncio.Future):
-            work.cancel()
-        else:
-            work.cancel()  # a ResponseStream: the scheduler drops it, or the backend is told
+        # a traced unary request's task, a unary sink or a ResponseStream: the scheduler drops the
+        # request (a unary sink is then never answered), or the backend is told
+        work.cancel()
 
     def _trace(self, decoded) -> Any:
         tracing = self.hub.tracing
@@ -335,15 +309,27 @@ class WorkerPort:
         self._released.append(block)
         if not self._release_scheduled:
             self._release_scheduled = True
+            # the RELEASE frame joins the data channel's next write (its before_flush), usually the
+            # one that carries the responses of the batch that let these blocks go
             if threading.get_ident() == self.hub.loop_thread:  # the usual case: no self-pipe wake-up
-                self.hub.loop.call_soon(self._flush_released)
+                self._flush_soon()
             else:
-                self.hub.loop.call_soon_threadsafe(self._flush_released)
+                self.hub.loop.call_soon_threadsafe(self._flush_soon)
 
-    def _flush_released(self) -> None:
+    def _flush_soon(self) -> None:
+        data = self.data
+        if data is None or data.closed:
+            self.flush_released()
+        else:
+            data.flush_soon()
+
+    def flush_released(self) -> None:
+        """The data channel's ``before_flush``: the blocks freed since its last write, in one frame."""
+        if not self._released:
+            return
         self._release_scheduled = False
         blocks, self._released = self._released, []
-        if blocks and self.data is not None:
+        if self.data is not None:
             self.data.send(wire.RELEASE, 0, wire.release_body(blocks))
 
     # -- the end -----------------------------------------------------------------------------
@@ -377,15 +363,6 @@ class WorkerPort:
                 pass
         self.request_buf = self.response_buf = None
         self.hub.release_later([self.request_shm, self.response_shm])
-
-
-class _Running:
-    """A unary request's DataPlane.infer coroutine, and the future it waits on."""
-
-    __slots__ = ("coro", "waited")
-
-    def __init__(self, coro, waited) -> None:
-        self.coro, self.waited = coro, waited
 
 
 def _malformed(exc: BaseException) -> ServingError:

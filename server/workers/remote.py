@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from server.core.changes import Changes
 from server.core.errors import ServingError, unavailable
@@ -60,7 +60,7 @@ class RemoteDataPlane:
         self._max_inflight: int = config["max_inflight"]
         self._tags = itertools.count(1)
         self._trace_ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future | RemoteStream] = {}
+        self._pending: dict[int, asyncio.Future | RemoteStream | _Submitted] = {}
         self._controls: dict[int, asyncio.Future] = {}
         self._templates: dict[tuple, templates.Template] = {}  # request shapes sent to the engine
         self._response_templates: dict[int, templates.Template] = {}  # response shapes the engine sent
@@ -410,6 +410,23 @@ class RemoteDataPlane:
                 self._send(wire.CANCEL, tag)
             raise
 
+    def submit(self, request: InferRequest,
+               on_done: Callable[[InferResponse | None, BaseException | None], None]) -> _Submitted:
+        """The DataPlane's synchronous unary entry, through the engine: ``on_done(response, None)`` or
+        ``on_done(None, error)`` once the engine answered, never after the handle's ``cancel()``.
+        Refusals this side can tell at once (engine down or full) raise here; the engine's own come
+        back through ``on_done``."""
+        self._admit()
+        tag = next(self._tags)
+        body = self._encode_fast(request)
+        kind = wire.INFER_FAST
+        if body is None:
+            body, kind = self._encode(request), wire.INFER
+        handle = _Submitted(self, tag, on_done)
+        self._pending[tag] = handle
+        self._data.send(kind, tag, body)
+        return handle
+
     def stream(self, request: InferRequest) -> RemoteStream:
         """Admission is synchronous, as in the DataPlane (a refusal raises here); the responses then
         arrive over the data channel."""
@@ -436,3 +453,34 @@ class RemoteDataPlane:
         return {"live": self._req_alloc.live, "used": self._req_alloc.used, "carved": self._req_alloc.carved}
 
 
+
+
+class _Submitted:
+    """A request sent by ``RemoteDataPlane.submit``: waits in ``_pending`` like a future (``done``,
+    ``set_result``, ``set_exception``) and hands its answer to the caller's callback."""
+
+    __slots__ = ("plane", "tag", "on_done")
+
+    def __init__(self, plane: RemoteDataPlane, tag: int,
+                 on_done: Callable[[InferResponse | None, BaseException | None], None]) -> None:
+        self.plane, self.tag = plane, tag
+        self.on_done: Callable[[InferResponse | None, BaseException | None], None] | None = on_done
+
+    def done(self) -> bool:
+        return self.on_done is None
+
+    def set_result(self, response: InferResponse) -> None:
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(response, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(None, error)
+
+    def cancel(self) -> None:
+        """The caller is gone: not answered, and the engine drops the request."""
+        self.on_done = None
+        if self.plane._pending.pop(self.tag, None) is not None:
+            self.plane._send(wire.CANCEL, self.tag)

@@ -133,6 +133,7 @@ class Supervisor:
             port.call = channel
         else:
             port.data = channel
+            channel.before_flush = port.flush_released
             channel.send(wire.STATE, 0, self.state())
         return port
 

@@ -158,6 +158,7 @@ def read_fast_request(body: bytes, templates: dict[int, Template], buf: memoryvi
     req = InferRequest(template.model, template.version, rid, template.read(views),
                        [RequestedOutput(name) for name in template.outputs])
     req.deadline = None if math.isnan(deadline) else deadline
+    req.shape_key = template  # its shape was described once: the data plane checks it once per configuration
     out = DecodedRequest()
     out.request, out.views = req, views
     out.trace_kind, out.carrier, out.start_ns, out.stream_id = 0, None, 0, 0
