@@ -242,7 +242,7 @@ class Scheduler:
         if self._db is None:
             return [head]
         db, rule = self._db, self._policy
-        same = [p for p in self._queues if p.key == head.key]
+        same = self._queues.compatible(head.key)
         count = batching.cut_size([p.size for p in same], rule.limit, db.preferred_batch_sizes)
         members = same[: max(1, count)]
         total = sum(p.size for p in members)

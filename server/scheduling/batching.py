@@ -13,7 +13,7 @@ BatchKey = tuple
 
 def batch_key(inputs: Mapping[str, np.ndarray]) -> BatchKey:
     """Requests can share a batch when every input has the same dtype and non-batch shape."""
-    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
+    return tuple([(name, inputs[name].dtype, inputs[name].shape[1:]) for name in sorted(inputs)])
 
 
 def cut_size(sizes: Sequence[int], max_batch: int, preferred: Sequence[int]) -> int:
