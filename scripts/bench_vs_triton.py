@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--client", choices=["auto", "perf_analyzer", "python"], default="auto")
     parser.add_argument("--triton-kit", type=Path, default=ANCHOR,
                         help="the Triton anchor kit's folder (default: %(default)s)")
+    parser.add_argument("--only", action="append", default=[], metavar="MODEL:C:PROTOCOL",
+                        help="run only this case (repeatable), e.g. --only add_sub:16:grpc")
     args = parser.parse_args()
     (ROOT / ".cache").mkdir(exist_ok=True)
     bench.build_repository()
@@ -224,6 +226,10 @@ def main() -> None:
     # inferd only: mlp under a 25 ms latency target (docs/batching.md), at c=64, and at c=16 beside plain mlp
     extra = ([(LATENCY_MODEL, 64, "grpc"), ("mlp", 16, "grpc"), (LATENCY_MODEL, 16, "grpc")]
              if (bench.BENCH_REPO / LATENCY_MODEL).is_dir() else [])
+    if args.only:
+        chosen = {f"{m}:{c}:{p}" for m, c, p in cases + extra} & set(args.only)
+        cases = [c for c in cases if f"{c[0]}:{c[1]}:{c[2]}" in chosen]
+        extra = [c for c in extra if f"{c[0]}:{c[1]}:{c[2]}" in chosen]
     rows = {"floor": floor(client, cases, args.seconds), "inferd": inferd(client, cases + extra, args.seconds)}
     found = triton(client, cases, args.seconds, args.triton_kit)
     if found is not None:

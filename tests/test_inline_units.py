@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from types import SimpleNamespace
@@ -15,13 +16,14 @@ from server.scheduling.instances import Instance, Job
 
 
 class _Recorder(Backend):
-    """Adds one; records the thread each batch ran on; sleeps ``delay`` seconds when asked to."""
+    """Adds one; records the thread each batch ran on; computes ``delay`` seconds more when asked to."""
 
     inline = True
 
     def __init__(self) -> None:
         self.threads: list[str] = []
         self.delay = 0.0
+        self.wait = 0.0
 
     @classmethod
     def load(cls, ctx):  # pragma: no cover - not loaded from files here
@@ -29,8 +31,12 @@ class _Recorder(Backend):
 
     def execute(self, inputs, outputs):
         self.threads.append(threading.current_thread().name)
-        if self.delay:
-            time.sleep(self.delay)
+        if self.delay:  # computes (the scheduler measures the CPU time a batch costs)
+            end = time.thread_time() + self.delay
+            while time.thread_time() < end:
+                pass
+        if self.wait:  # waits without computing (a lock, a device)
+            time.sleep(self.wait)
         return {"OUT": inputs["IN"] + 1}
 
 
@@ -86,6 +92,29 @@ def test_cheap_batches_move_to_the_loop_and_a_slow_one_moves_them_back():
     asyncio.run(main())
 
 
+def test_a_batch_that_waits_long_without_computing_sends_the_model_back_to_its_thread():
+    async def main():
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+        backend = _Recorder()
+        instance = _instance(backend, loop, done)
+        try:
+            for _ in range(200):
+                await _run(instance, done, _job())
+                if instance.inline:
+                    break
+            assert instance.inline
+            backend.wait = instances.WALL_LIMIT_NS / 1e9 * 2  # cheap in CPU, long on the loop
+            await _run(instance, done, _job())
+            backend.wait = 0.0
+            assert not instance.inline
+            await _run(instance, done, _job())
+            assert backend.threads[-1] == "inferd:m_0"
+        finally:
+            await asyncio.to_thread(instance.close)
+
+    asyncio.run(main())
+
+
 def test_a_backend_that_does_not_declare_inline_always_runs_on_its_thread():
     class Plain(_Recorder):
         inline = False
@@ -127,6 +156,62 @@ def test_a_model_that_keeps_overrunning_on_the_loop_stays_on_its_thread():
                 await _run(instance, done, _job())
             assert not instance.inline
             assert set(backend.threads[-10:]) == {"inferd:m_0"}
+        finally:
+            await asyncio.to_thread(instance.close)
+
+    asyncio.run(main())
+
+
+def test_a_batch_the_garbage_collector_interrupted_is_not_an_overrun():
+    class Collecting(_Recorder):
+        collect = False
+
+        def execute(self, inputs, outputs):
+            if self.collect:  # a full pass (whatever it costs) plus work over the budget
+                gc.collect()
+            return super().execute(inputs, outputs)
+
+    async def main():
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+        backend = Collecting()
+        instance = _instance(backend, loop, done)
+        try:
+            for _ in range(200):
+                await _run(instance, done, _job())
+                if instance.inline:
+                    break
+            assert instance.inline
+            backend.collect, backend.delay = True, instances.INLINE_BUDGET_NS / 1e9 * 2
+            await _run(instance, done, _job())
+            backend.collect, backend.delay = False, 0.0
+            assert backend.threads[-1] == threading.current_thread().name
+            assert instance.inline  # no measurement: still on the loop
+        finally:
+            await asyncio.to_thread(instance.close)
+
+    asyncio.run(main())
+
+
+def test_a_long_run_of_cheap_batches_forgives_an_overrun():
+    async def main():
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+        backend = _Recorder()
+        instance = _instance(backend, loop, done)
+        try:
+            for _ in range(200):
+                await _run(instance, done, _job())
+                if instance.inline:
+                    break
+            backend.delay = instances.INLINE_BUDGET_NS / 1e9 * 2
+            await _run(instance, done, _job())  # an overrun on the loop: one strike
+            backend.delay = 0.0
+            assert not instance.inline and instance._strikes == 1
+            for _ in range(4000):
+                await _run(instance, done, _job())
+                if instance._strikes == 0:
+                    break
+            assert instance._strikes == 0 and instance.inline
+            assert backend.threads[-1] == threading.current_thread().name
         finally:
             await asyncio.to_thread(instance.close)
 

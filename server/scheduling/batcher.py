@@ -4,7 +4,8 @@ Runs on the event loop. Requests wait in ``Queues`` (one per priority level); wh
 is idle the scheduler forms the next batch (how long it may wait for a fuller one: policy.py) and
 hands it to that instance's thread (or runs it on the loop when measured cheap: instances.py).
 With dynamic batching the scheduler dispatches once per loop iteration, so that requests
-arriving together (a frontend worker's frames of one read) share one batch and one hand-off;
+arriving together (a frontend worker's frames of one read) share one batch and one hand-off, and
+for an instance that runs its batches on the loop it gathers until the loop is quiet (``_probe``);
 without it every request is its own batch, dispatched at once. Every request carries a response sink
 (core/stream.py): a tensor-path batch ends with one final response per member; a request-path
 backend sends its own responses, and a decoupled model's request stays in flight until its final one.
@@ -31,6 +32,11 @@ from .instances import Instance, Job
 from .queues import DONE, QUEUED, RUNNING, Pending, Queues
 
 _NO_POLICY = QueuePolicy()  # a model without dynamic batching: one level, no limits
+# An inline instance's batch is dispatched once a whole loop iteration ran in at most this long (the
+# loop had nothing else to do: an empty iteration takes ~1 us on uvloop, ~2 us on asyncio's loop;
+# one request's step through the server, tens), or once its oldest request waited GATHER_MAX_NS
+GATHER_QUIET_NS = 10_000
+GATHER_MAX_NS = 2_000_000
 NO_RESPONSE = "model '{}' finished a request without sending a response"
 
 
@@ -64,7 +70,10 @@ class Scheduler:
         self._next_seq = 0
         self._release_seq = 0
         self._held: dict[int, Job] = {}
-        self._dispatch_soon = False  # a deferred _dispatch is scheduled (see submit)
+        self._dispatch_soon = False  # a _probe is scheduled (see submit)
+        self._probe_ns = 0  # perf_counter ns when the last _probe was scheduled
+        budget = self._policy.budget_ns if self._policy is not None else None
+        self._gather_ns = min(GATHER_MAX_NS, int(budget / 2)) if budget else GATHER_MAX_NS
 
     def ready(self) -> bool:
         """A model's scheduler is ready while it serves and some instance can run (an ensemble's also
@@ -121,10 +130,22 @@ class Scheduler:
         self._queues.push(item)
         self.observer.queued(item, self._queues.count)
         self._idle_event.clear()
-        if self._idle and (self._db is not None or self._idle[-1].inline):
+        self._dispatch_or_gather()
+
+    def _dispatch_or_gather(self) -> None:
+        if not self._idle:
+            return  # the next completion dispatches
+        if self._idle[-1].inline and self._queues.count < self._gather_limit():
+            # the idle instance runs cheap batches on the loop: gather while the loop has other work
+            # (one probe chain at a time; see _probe)
+            if not self._dispatch_soon:
+                self._dispatch_soon = True
+                self._probe_ns = time.perf_counter_ns()
+                self._loop.call_soon(self._probe)
+        elif self._db is not None:
             # first let the requests that arrive in this loop iteration (e.g. the frames of one read
             # from a frontend worker) join the batch: one dispatch per iteration, so requests that
-            # arrive together share one hand-off to the instance thread (or one inline run)
+            # arrive together share one hand-off to the instance thread
             if not self._dispatch_soon:
                 self._dispatch_soon = True
                 self._loop.call_soon(self._deferred_dispatch)
@@ -134,6 +155,30 @@ class Scheduler:
     def _deferred_dispatch(self) -> None:
         self._dispatch_soon = False
         self._dispatch()
+
+    def _gather_limit(self) -> int:
+        return self._policy.limit if self._policy is not None else 1
+
+    def _probe(self) -> None:
+        """Dispatch to an inline instance once the loop has nothing else to do.
+
+        grpc.aio and aiohttp hand the server its requests one loop iteration at a time, so a batch
+        cut in the iteration its first request arrived in holds that request alone, and every
+        request pays a whole batch's execution, completion and statistics. While the loop keeps
+        working (the iteration since the last probe took longer than GATHER_QUIET_NS) more requests
+        are on their way through it: probe again, up to GATHER_MAX_NS after the oldest arrived
+        (half the latency target, when one is set) or until a full batch waits. A lone request
+        finds the loop quiet at once, so it is not held."""
+        now = time.perf_counter_ns()
+        quiet = now - self._probe_ns <= GATHER_QUIET_NS
+        head = self._queues.head()
+        if (quiet or head is None or now - head.arrived_ns >= self._gather_ns
+                or self._queues.count >= self._gather_limit()):
+            self._dispatch_soon = False
+            self._dispatch()
+        else:
+            self._probe_ns = now
+            self._loop.call_soon(self._probe)
 
     def _level_and_policy(self, parameters: Mapping[str, object]) -> tuple[int, QueuePolicy]:
         db = self._db
@@ -213,7 +258,7 @@ class Scheduler:
         if self._db is None:
             return [head]
         db, rule = self._db, self._policy
-        same = [p for p in self._queues if p.key == head.key]
+        same = self._queues.compatible(head.key)
         count = batching.cut_size([p.size for p in same], rule.limit, db.preferred_batch_sizes)
         members = same[: max(1, count)]
         total = sum(p.size for p in members)
@@ -270,7 +315,11 @@ class Scheduler:
                 self._release_seq += 1
         else:
             self._finish(job)
-        self._dispatch()
+        if self._queues.count:
+            if instance.inline:
+                self._dispatch_or_gather()  # gather the next inline batch too
+            else:
+                self._dispatch()
 
     def _finish(self, job: Job) -> None:
         self.observer.batch_done(job)

@@ -3,22 +3,29 @@
 The exception, on purpose (docs/architecture.md): a batch measured to cost less than the hand-off
 to the thread runs on the event loop itself. The hand-off and the completion's way back (a queue
 put, the thread's wake-up, ``call_soon_threadsafe``, the loop's wake-up, the GIL passed twice) cost
-more than add_sub's whole execution (~25 us). With cheap batches inline (and uvloop,
-server/core/loops.py) inferd's whole ModelInfer path in process went from 317 to 198 us of CPU per
-request (scripts/bench_inprocess.py, before/after on the same machine). Only a backend that declares
-``inline`` (pure in-process compute) qualifies, and only after ``_FAST_RUNS`` batches in a row took
-at most ``INLINE_BUDGET_NS``; one batch over it sends the next ones back to the thread, so a model
-that turns slow holds the loop for one batch at most. Each such overrun on the loop doubles the run
-of cheap batches needed before the next inline one, and after ``_MAX_STRIKES`` the instance stays
-on its thread: inputs that make a model slow now and then (data-dependent control flow) cannot
-keep stalling the loop. A batch with more input bytes than the largest one measured cheap goes to
-the thread too. While an instance runs inline (and always for a dynamically batched model), the
-scheduler dispatches once per loop iteration, so that the requests arriving together share a batch.
+more than add_sub's whole execution (~25 us alone, 50-150 us of CPU in the loaded server). With
+cheap batches inline (and uvloop, server/core/loops.py) inferd's whole ModelInfer path in process
+went from 317 to 198 us of CPU per request (scripts/bench_inprocess.py, before/after on the same
+machine). Only a backend that declares ``inline`` (pure in-process compute on the calling thread)
+qualifies, and only after ``_FAST_RUNS`` batches in a row cost at most ``INLINE_BUDGET_NS`` of CPU
+(``Instance._execute`` says why CPU and not wall time); one batch over it sends the next ones back
+to the thread, so a model that turns slow holds the loop for one batch at most. Each such overrun
+on the loop doubles the run of cheap batches needed before the next inline one, and after
+``_MAX_STRIKES`` the instance stays on its thread: inputs that make a model slow now and then
+(data-dependent control flow) cannot keep stalling the loop. Noise is not a strike: a batch the
+garbage collector interrupted is not measured, and ``_FORGIVE_RUNS`` cheap inline batches in a row
+forgive one overrun (in the loaded server about one add_sub batch in a few hundred cost 2-4x the
+usual, which ended inlining within seconds when every overrun counted). A batch with more input
+bytes than the largest one measured cheap goes to the thread too. While an instance runs inline,
+the scheduler gathers its batch until the loop has nothing else to do (batcher.py, ``_probe``), so
+that requests arriving over several loop iterations share it; any other dynamically batched model is
+dispatched once per loop iteration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -41,9 +48,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INLINE_BUDGET_NS = 150_000  # a batch measured under this may run on the event loop
+INLINE_BUDGET_NS = 300_000  # a batch measured to cost at most this (CPU) may run on the event loop
 _FAST_RUNS = 8  # consecutive cheap batches before batches run inline (doubled per strike)
 _MAX_STRIKES = 4  # inline batches over the budget before an instance stays on its thread
+_FORGIVE_RUNS = 256  # cheap inline batches in a row that forgive one overrun
+# a batch that held its thread this long (wall time) is not cheap whatever its CPU time says: a
+# backend that waits (for a lock, a device, its own pool's threads) would hold the loop as long
+WALL_LIMIT_NS = 8 * INLINE_BUDGET_NS
 
 
 @dataclass(slots=True)
@@ -137,6 +148,21 @@ def _run_members_alone(backend: Backend, job: Job, model: str) -> None:
         job.timing = BatchTiming(sum(good), len(good), 0, time.perf_counter_ns() - start, 0)
 
 
+_collections = [0]  # garbage collector passes so far (counted once _count_collections is hooked)
+
+
+def _count_collections(phase: str, info: dict) -> None:
+    if phase == "start":
+        _collections[0] += 1
+
+
+def _hook_collections() -> None:
+    """Count the collector's passes (a process-wide hook, added once): a batch that a pass
+    interrupted says nothing about the model (measured here: 200-450 us passes on add_sub's loop)."""
+    if _count_collections not in gc.callbacks:
+        gc.callbacks.append(_count_collections)
+
+
 def _input_bytes(job: Job) -> int:
     return sum(array.nbytes for member in job.members for array in member.inputs.values())
 
@@ -163,7 +189,10 @@ class Instance:
         self._may_inline = backend.inline and not uses_requests(backend)
         self._fast = 0  # batches in a row that took at most INLINE_BUDGET_NS
         self._fast_bytes = 0  # input bytes of the largest of those
-        self._strikes = 0  # inline batches that took longer than INLINE_BUDGET_NS
+        self._strikes = 0  # inline batches that took longer than INLINE_BUDGET_NS (less those forgiven)
+        self._clean = 0  # cheap inline batches since the last overrun or forgiven one
+        if self._may_inline:
+            _hook_collections()
         self._thread = threading.Thread(target=self._run, name=f"inferd:{name}", daemon=True)
         self._thread.start()
 
@@ -178,7 +207,13 @@ class Instance:
             return
         size = _input_bytes(job)
         if self.inline and size <= self._fast_bytes:
-            if not self._execute(job, size):
+            if self._execute(job, size):
+                self._clean += 1
+                if self._clean >= _FORGIVE_RUNS and self._strikes:  # that overrun was noise
+                    self._strikes -= 1
+                    self._clean = 0
+            else:
+                self._clean = 0
                 self._strikes += 1
                 if self._strikes >= _MAX_STRIKES:
                     self._may_inline = False
@@ -189,18 +224,31 @@ class Instance:
             self._jobs.put((job, size))
 
     def _execute(self, job: Job, size: int = 0) -> bool:
-        """Run ``job``; whether it took at most INLINE_BUDGET_NS (counted towards running inline)."""
+        """Run ``job``; whether it cost at most INLINE_BUDGET_NS (counted towards running inline).
+
+        The cost is the CPU time of the thread that ran it, not its wall time: on the instance
+        thread a batch also waits for the GIL and for a core while the loop works, and on the loop
+        it waits for the GIL while another instance's thread holds it (a backend releases it while
+        it computes), waits that say nothing about the model. An inline backend computes on the
+        calling thread (ONNX Runtime's and PyTorch's intra-op pools include it), so its CPU time
+        is what it holds the loop for. A batch that took over WALL_LIMIT_NS of wall time is not
+        cheap either way (a backend that waits rather than computes)."""
         job.memory = self.memory()
-        start = time.perf_counter_ns()
+        if not self._may_inline:
+            self._observer.execute(run_job, self.backend, job, self.name)
+            return True
+        passes, start, began = _collections[0], time.thread_time_ns(), time.perf_counter_ns()
         self._observer.execute(run_job, self.backend, job, self.name)
-        cheap = time.perf_counter_ns() - start <= INLINE_BUDGET_NS
-        if self._may_inline:
-            if cheap:
-                self._fast += 1
-                self._fast_bytes = max(self._fast_bytes, size)
-            else:
-                self._fast = self._fast_bytes = 0
-        return cheap
+        cost = time.thread_time_ns() - start
+        held = time.perf_counter_ns() - began
+        if _collections[0] != passes:  # the collector ran meanwhile: no measurement
+            return True
+        if cost <= INLINE_BUDGET_NS and held <= WALL_LIMIT_NS:
+            self._fast += 1
+            self._fast_bytes = max(self._fast_bytes, size)
+            return True
+        self._fast = self._fast_bytes = 0
+        return False
 
     def _run(self) -> None:
         while True:

@@ -88,7 +88,16 @@ class Queues:
         yield from self._delayed
 
     def head(self) -> Pending | None:
-        return next(iter(self), None)
+        for q in self._levels[1:]:
+            if q:
+                return q[0]
+        return self._delayed[0] if self._delayed else None
+
+    def compatible(self, key: Any) -> list[Pending]:
+        """The queued requests that can share a batch with key ``key``, in ``__iter__`` order."""
+        if len(self._levels) == 2 and not self._delayed:  # one level, nothing delayed: the common case
+            return [p for p in self._levels[1] if p.key == key]
+        return [p for p in self if p.key == key]
 
     # -- timers ------------------------------------------------------------------------------
 
