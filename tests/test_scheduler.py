@@ -192,6 +192,9 @@ def test_priority_levels(sched):
     time.sleep(0.2)
     for i in range(3):
         calls.send("priority", f"low{i}", 10 + i, 50)
+        # concurrent RPCs reach the handlers in the order their messages are read, not sent: a gap
+        # makes the arrival order the sending order (the blocker runs 600 ms)
+        time.sleep(0.05)
     calls.send("priority", "high", 99, 50, priority=1)
     results = calls.collect(5)
     seq = {tag: int(r[0].as_numpy("SEQ")[0, 0]) for tag, r in results.items()}
