@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -273,3 +274,61 @@ def test_the_remote_data_plane_has_every_method_of_the_data_plane():
     # strict_readiness is the engine's own setting: a worker answers readiness from the engine's state
     missing = public(DataPlane) - public(RemoteDataPlane) - {"strict_readiness"}
     assert not missing, f"RemoteDataPlane lacks {sorted(missing)}"
+
+
+class _Writes:
+    """A transport that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+
+def _frames(data: bytes) -> list[int]:
+    tags, pos = [], 0
+    while pos < len(data):
+        length, _kind, tag = wire.HEAD.unpack_from(data, pos)
+        tags.append(tag)
+        pos += wire.HEAD.size + length
+    return tags
+
+
+def test_a_gathering_channel_writes_frames_of_busy_iterations_together_and_a_lone_one_at_once():
+    from server.workers import link
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        channel, transport = link.FrameProtocol(), _Writes()
+        channel.connection_made(transport)
+        channel.gather_ns = 50_000_000  # far longer than this test: only quietness ends the wait
+
+        def busy(tag: int) -> None:  # one request's work in one loop iteration, then the next arrives
+            end = time.perf_counter_ns() + 3 * link.QUIET_NS
+            while time.perf_counter_ns() < end:
+                pass
+            channel.send(wire.INFER_FAST, tag, b"x")
+            if tag < 5:
+                loop.call_soon(busy, tag + 1)
+
+        channel.send(wire.INFER_FAST, 0, b"x")
+        loop.call_soon(busy, 1)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert [_frames(w) for w in transport.writes] == [[0, 1, 2, 3, 4, 5]]
+
+        started = time.perf_counter()
+        channel.send(wire.INFER_FAST, 9, b"x")  # a lone frame on a quiet loop
+        while len(transport.writes) < 2:
+            await asyncio.sleep(0)
+        assert _frames(transport.writes[1]) == [9]
+        assert time.perf_counter() - started < 0.025  # not held for the gather bound
+
+    asyncio.run(main())

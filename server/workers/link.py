@@ -4,12 +4,19 @@ Incoming bytes are cut into frames (wire.HEAD + body) and handed to ``on_frame``
 are coalesced: everything sent during one event-loop iteration leaves in one write, so a burst of
 responses costs one system call, not one each; ``before_flush`` adds frames that are gathered up
 to that write (a worker port's freed blocks) without a write, or a loop iteration, of their own.
+
+With ``gather_ns`` set (a frontend worker's data channel) the write waits, like an inline batch in
+the scheduler (scheduling/batcher.py ``_probe``), until an iteration of the loop ran in at most
+QUIET_NS (nothing else to do) or the first queued frame waited ``gather_ns``: grpc.aio hands a
+worker its requests one loop iteration at a time, and frames written per iteration reached the
+engine one by one, so its batches held 1.8 requests at add_sub c=16 against 6.7 in one process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
 from . import wire
@@ -17,6 +24,7 @@ from . import wire
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 64 << 20  # bytes queued for the peer before "full"
+QUIET_NS = 10_000  # a loop iteration this short had nothing else to do (see scheduling/batcher.py)
 
 
 class FrameProtocol(asyncio.Protocol):
@@ -33,6 +41,8 @@ class FrameProtocol(asyncio.Protocol):
         self.paused = False  # the peer reads slower than we write
         self.before_flush: Callable[[], None] | None = None  # called first by each write (may send)
         self.closed = False
+        self.gather_ns = 0  # hold writes until the loop is quiet, at most this long (0: per iteration)
+        self._first_ns = self._probe_ns = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -96,7 +106,19 @@ class FrameProtocol(asyncio.Protocol):
             self._out.append(body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            if self.gather_ns:
+                self._first_ns = self._probe_ns = time.perf_counter_ns()
+                self._loop.call_soon(self._probe)
+            else:
+                self._loop.call_soon(self._flush)
+
+    def _probe(self) -> None:
+        now = time.perf_counter_ns()
+        if now - self._probe_ns <= QUIET_NS or now - self._first_ns >= self.gather_ns:
+            self._flush()
+        else:
+            self._probe_ns = now
+            self._loop.call_soon(self._probe)
 
     def flush_soon(self) -> None:
         """Have the next write happen in this loop iteration even when nothing is queued yet (for

@@ -33,12 +33,14 @@ log = logging.getLogger(__name__)
 
 PROPAGATED = ("traceparent", "tracestate")
 ENGINE_GONE = "the inference engine process is unreachable (frontend worker {slot})"
+GATHER_NS = 1_000_000  # a request frame waits at most this long for others to join its write (link.py)
 
 
 class _DataChannel(FrameProtocol):
     def __init__(self, plane: "RemoteDataPlane") -> None:
         super().__init__()
         self.plane = plane
+        self.gather_ns = GATHER_NS  # requests that arrive over a few busy iterations leave together
 
     def on_frame(self, kind: int, tag: int, body: bytes) -> None:
         self.plane._on_frame(kind, tag, body)
