@@ -90,8 +90,8 @@ class Load:
                     conn = http.client.HTTPConnection(host, int(port), timeout=30)
                     conn.connect()
                     fresh = True
-            except ConnectionRefusedError:
-                self._note("refused", value, "connection refused")
+            except (ConnectionRefusedError, ConnectionResetError) as exc:  # the port closing while we connect
+                self._note("refused", value, f"{type(exc).__name__}: {exc}")
                 conn = None
                 if self.srv.proc.poll() is not None:
                     return
