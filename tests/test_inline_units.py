@@ -61,17 +61,23 @@ def _instance(backend: Backend, loop, done: asyncio.Queue) -> Instance:
     return Instance("m_0", backend, loop, lambda _instance, job: done.put_nowait(job), _Observer())
 
 
+async def _until_inline(instance: Instance, done: asyncio.Queue) -> None:
+    """Cheap batches until the instance runs them on the loop (measured on its thread first; a
+    first call may be slow, so a few more may be needed)."""
+    for _ in range(200):
+        await _run(instance, done, _job())
+        if instance.inline:
+            return
+    raise AssertionError("200 cheap batches did not move the instance onto the loop")
+
+
 def test_cheap_batches_move_to_the_loop_and_a_slow_one_moves_them_back():
     async def main():
         loop, done = asyncio.get_running_loop(), asyncio.Queue()
         backend = _Recorder()
         instance = _instance(backend, loop, done)
         try:
-            for _ in range(200):  # measured on the thread first (a first call may be slow: retry)
-                await _run(instance, done, _job())
-                if instance.inline:
-                    break
-            assert instance.inline
+            await _until_inline(instance, done)
             assert len(backend.threads) >= instances._FAST_RUNS
             assert set(backend.threads) == {"inferd:m_0"}
             await _run(instance, done, _job())
@@ -98,11 +104,7 @@ def test_a_batch_that_waits_long_without_computing_sends_the_model_back_to_its_t
         backend = _Recorder()
         instance = _instance(backend, loop, done)
         try:
-            for _ in range(200):
-                await _run(instance, done, _job())
-                if instance.inline:
-                    break
-            assert instance.inline
+            await _until_inline(instance, done)
             backend.wait = instances.WALL_LIMIT_NS / 1e9 * 2  # cheap in CPU, long on the loop
             await _run(instance, done, _job())
             backend.wait = 0.0
@@ -176,11 +178,7 @@ def test_a_batch_the_garbage_collector_interrupted_is_not_an_overrun():
         backend = Collecting()
         instance = _instance(backend, loop, done)
         try:
-            for _ in range(200):
-                await _run(instance, done, _job())
-                if instance.inline:
-                    break
-            assert instance.inline
+            await _until_inline(instance, done)
             backend.collect, backend.delay = True, instances.INLINE_BUDGET_NS / 1e9 * 2
             await _run(instance, done, _job())
             backend.collect, backend.delay = False, 0.0
@@ -198,10 +196,7 @@ def test_a_long_run_of_cheap_batches_forgives_an_overrun():
         backend = _Recorder()
         instance = _instance(backend, loop, done)
         try:
-            for _ in range(200):
-                await _run(instance, done, _job())
-                if instance.inline:
-                    break
+            await _until_inline(instance, done)
             backend.delay = instances.INLINE_BUDGET_NS / 1e9 * 2
             await _run(instance, done, _job())  # an overrun on the loop: one strike
             backend.delay = 0.0

@@ -395,16 +395,20 @@ class RemoteDataPlane:
         return codec.encode_request(request, buf, alloc, trace.kind, trace.carrier, trace.start_ns,
                                    trace.stream_id)[0]
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    def _send_infer(self, request: InferRequest, waiter: Callable[[int], Any]) -> tuple[int, Any]:
+        """Admit and send one unary request; ``waiter(tag)`` makes what its answer is delivered to."""
         self._admit()
         tag = next(self._tags)
         body = self._encode_fast(request)
         kind = wire.INFER_FAST
         if body is None:
             body, kind = self._encode(request), wire.INFER
-        future = self._loop.create_future()
-        self._pending[tag] = future
+        waiting = self._pending[tag] = waiter(tag)
         self._data.send(kind, tag, body)
+        return tag, waiting
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        tag, future = self._send_infer(request, lambda _tag: self._loop.create_future())
         try:
             return await future
         except asyncio.CancelledError:
@@ -418,16 +422,7 @@ class RemoteDataPlane:
         ``on_done(None, error)`` once the engine answered, never after the handle's ``cancel()``.
         Refusals this side can tell at once (engine down or full) raise here; the engine's own come
         back through ``on_done``."""
-        self._admit()
-        tag = next(self._tags)
-        body = self._encode_fast(request)
-        kind = wire.INFER_FAST
-        if body is None:
-            body, kind = self._encode(request), wire.INFER
-        handle = _Submitted(self, tag, on_done)
-        self._pending[tag] = handle
-        self._data.send(kind, tag, body)
-        return handle
+        return self._send_infer(request, lambda tag: _Submitted(self, tag, on_done))[1]
 
     def stream(self, request: InferRequest) -> RemoteStream:
         """Admission is synchronous, as in the DataPlane (a refusal raises here); the responses then
