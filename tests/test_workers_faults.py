@@ -195,7 +195,7 @@ def test_sigkill_under_load_fails_only_what_the_worker_held(two_workers):
 
     def client(i: int) -> None:
         channel, stub = _stub(two_workers)
-        ok, errors = 0, []
+        outcomes: list[tuple[float, grpc.StatusCode | None]] = []  # (when, None for a success)
         with channel:
             while not stop.is_set():
                 try:
@@ -203,10 +203,10 @@ def test_sigkill_under_load_fails_only_what_the_worker_held(two_workers):
                     # channel backs off, so every error counted is a call a server really held
                     reply = stub.ModelInfer(_simple_request(i), timeout=10, wait_for_ready=True)
                     assert reply.raw_output_contents[0] == np.full((1, 16), 2 * i, np.int32).tobytes()
-                    ok += 1
+                    outcomes.append((time.monotonic(), None))
                 except grpc.RpcError as exc:
-                    errors.append((time.monotonic(), exc.code()))
-        results[i] = (ok, errors)
+                    outcomes.append((time.monotonic(), exc.code()))
+        results[i] = outcomes
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -221,12 +221,17 @@ def test_sigkill_under_load_fails_only_what_the_worker_held(two_workers):
     stop.set()
     for t in threads:
         t.join(30)
-    errors = [e for _, errs in results.values() for e in errs]
+    errors = [(at, code) for outcomes in results.values() for at, code in outcomes if code is not None]
     assert all(code == grpc.StatusCode.UNAVAILABLE for _, code in errors), errors
     # only calls the dead worker held or that raced its death; nothing before it, nothing later
     assert all(killed_at[0] - 0.05 <= at <= killed_at[0] + 3 for at, _ in errors), errors
-    assert len(errors) <= clients, errors  # a client holds one call at a time
-    assert all(ok > 0 for ok, _ in results.values())
+    for outcomes in results.values():
+        failed = [n for n, (_, code) in enumerate(outcomes) if code is not None]
+        # one break per client: the call the worker held, then at most a retry or two sent on the
+        # dead connection before the channel saw it close; once a call succeeds again, none fails
+        if failed:
+            assert len(failed) <= 3 and failed == list(range(failed[0], failed[-1] + 1)), outcomes
+        assert any(code is None for _, code in outcomes), outcomes
     assert len(_segments(two_workers)) == 4
     assert "Traceback" not in two_workers.log(), two_workers.log()[-4000:]
 
