@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import pytest
 
+from server.core.errors import ErrorCode, ServingError
 from server.core.types import InferRequest, Tensor
 from server.protos import grpc_service_pb2 as pb
 from server.workers import arena, codec, link, port, supervisor, templates, wire
@@ -143,7 +144,7 @@ def test_a_stream_cancel_that_overtakes_its_admission_stops_it_in_process():
             alloc = arena.Allocator(1 << 20)
             body, block = _request_body(p, alloc)
             p.on_data(wire.CANCEL, 5, b"")  # read first from the data channel...
-            p.on_call(wire.INFER, 5, body)  # ...then its admission from the call channel
+            p.on_call(wire.INFER, 5, _admit_by(60) + body)  # ...then its admission from the call channel
             await _settle()
             [(kind, tag, reply)] = call.frames
             assert kind == wire.REPLY and tag == 5 and b"CANCELLED" in reply
@@ -153,6 +154,42 @@ def test_a_stream_cancel_that_overtakes_its_admission_stops_it_in_process():
             for tag in range(100, 100 + 3 * port.EARLY_CANCELS):  # cancels of finished requests: bounded
                 p.on_data(wire.CANCEL, tag, b"")
             assert len(p._cancelled_early) == port.EARLY_CANCELS
+        finally:
+            p.retire()
+
+    asyncio.run(run())
+
+
+def _admit_by(seconds: float) -> bytes:
+    return wire.ADMIT_BY.pack(time.monotonic() + seconds)
+
+
+def test_a_stream_admission_read_after_the_worker_gave_up_never_starts_in_process():
+    # the engine was stopped while the worker waited: it reads the admission (call channel) before
+    # the worker's CANCEL (data channel); the give-up time the admission carries refuses it anyway
+    admitted: list = []
+
+    class Plane:
+        def stream(self, request):
+            admitted.append(request.id)  # not the request: its views would outlive the arena
+            raise ServingError(ErrorCode.UNAVAILABLE, "admitted")
+
+    async def run() -> None:
+        p, data, call = _port(Plane())
+        try:
+            alloc = arena.Allocator(1 << 20)
+            late, late_block = _request_body(p, alloc)
+            p.on_call(wire.INFER, 5, _admit_by(-0.001) + late)
+            on_time, _ = _request_body(p, alloc)
+            p.on_call(wire.INFER, 6, _admit_by(60) + on_time)
+            p.on_call(wire.INFER, 7, b"\x01\x02")  # too short to carry its give-up time
+            await _settle()
+            replies = {tag: reply for kind, tag, reply in call.frames if kind == wire.REPLY}
+            assert b"CANCELLED" in replies[5] and b"admitted" in replies[6], replies
+            assert b"give-up time" in replies[7], replies
+            assert len(admitted) == 1 and 5 not in p.inflight
+            await _settle()
+            assert late_block in data.released()
         finally:
             p.retire()
 

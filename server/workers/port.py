@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -201,11 +202,14 @@ class WorkerPort:
 
     def _admit_stream(self, tag: int, body: bytes) -> None:
         try:
-            request = self._decode(body)
-            if tag in self._cancelled_early:
-                del self._cancelled_early[tag]
-                # the worker gave up on this admission (its call timed out) and said so on the data
-                # channel, which the engine read first: the request must not start
+            if len(body) < wire.ADMIT_BY.size:
+                raise ValueError("a stream admission without its give-up time")
+            (give_up,) = wire.ADMIT_BY.unpack_from(body)
+            request = self._decode(body[wire.ADMIT_BY.size:])
+            if tag in self._cancelled_early or time.monotonic() > give_up:
+                self._cancelled_early.pop(tag, None)
+                # the worker gave up on this admission (its call timed out; it says so on the data
+                # channel, which the engine may read before or after this one): it must not start
                 raise ServingError(ErrorCode.CANCELLED, "the caller cancelled the request before it was admitted")
             stream = self.hub.dataplane.stream(request)
         except Exception as exc:  # noqa: BLE001 - the refusal is the caller's answer

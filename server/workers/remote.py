@@ -433,7 +433,8 @@ class RemoteDataPlane:
         stream = RemoteStream(self, tag)
         self._pending[tag] = stream
         try:
-            reply = json.loads(self._calls.call(wire.INFER, tag, body))
+            give_up = wire.ADMIT_BY.pack(time.monotonic() + self._timeout)
+            reply = json.loads(self._calls.call(wire.INFER, tag, give_up + body))
         except ServingError:
             self._forget(tag, cancel=True)
             raise

@@ -31,6 +31,10 @@ U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 FINAL, FAILED = 1, 2
+# a stream admission on the call channel starts with the worker's give-up time (time.monotonic(),
+# one clock for every process of the machine): the engine refuses one it reads later, so a stream
+# the worker already told its caller had failed never starts, whichever channel the engine reads first
+ADMIT_BY = _F64
 
 # trace kinds: how the engine rebuilds the caller's context (Tracing.from_grpc / from_http / a stream's)
 TRACE_NONE, TRACE_GRPC, TRACE_HTTP, TRACE_STREAM = 0, 1, 2, 3
