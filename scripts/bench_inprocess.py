@@ -12,7 +12,6 @@ time per request for each stage; ``--profile`` adds cProfile's top functions for
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path

@@ -188,7 +188,7 @@ def _drive(config: dict) -> None:
 
 async def _drive_loops(config: dict, model: str, concurrency: int) -> None:
     from server.core.errors import ServingError
-    from server.core.types import InferRequest, RequestedOutput, Tensor
+    from server.core.types import InferRequest, Tensor
     from server.workers import wire
     from server.workers.remote import RemoteDataPlane
 
@@ -243,7 +243,6 @@ def engine_only(model: str, concurrency: int, seconds: float, warmup: float) -> 
             await asyncio.sleep(seconds)
             (n1, b1), cpu1, loop1 = counts(app), cpu_seconds(os.getpid()), loop_cpu_seconds(os.getpid())
             elapsed = time.monotonic() - start
-            driver = sum(cpu_seconds(p) for p in app.workers.pids())
         finally:
             app.dataplane.draining = True
             await app.stop()

@@ -8,7 +8,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from server.protos import grpc_service_pb2 as pb
 from server.protos import grpc_service_pb2_grpc as pb_grpc

@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
