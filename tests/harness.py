@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+PORT_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,17 +52,42 @@ class ServerProcess:
 
     def start(self, log_path: Path, timeout: float = 60.0, wait_ready: bool = True) -> "ServerProcess":
         self.log_path = log_path
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=open(log_path, "wb"),
-                                     stderr=subprocess.STDOUT)
-        if wait_ready:
+        for attempt in range(PORT_ATTEMPTS):
+            self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=open(log_path, "wb"),
+                                         stderr=subprocess.STDOUT)
+            if not wait_ready:
+                return self
             try:
                 self.wait_ready(timeout)
+                return self
+            except RuntimeError:
+                # a free port can be taken between free_port() and the server's bind (an outgoing
+                # connection's source port is drawn from the same range): new ports, a new start
+                if "Address already in use" not in self.log() or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self._new_ports()
             except BaseException:  # a server that never got ready must not outlive its test
                 if self.proc.poll() is None:
                     self.proc.kill()
                     self.proc.wait()
                 raise
         return self
+
+    def _new_ports(self) -> None:
+        moved = {}
+        for attr in ("grpc_port", "http_port", "metrics_port"):
+            old = getattr(self, attr)
+            moved[str(old)] = str(free_port())
+            setattr(self, attr, int(moved[str(old)]))
+        args = []
+        for arg in self.args:
+            flag, eq, value = arg.rpartition("=")
+            if arg in moved:
+                arg = moved[arg]
+            elif eq and flag.startswith("--") and value in moved:
+                arg = f"{flag}={moved[value]}"
+            args.append(arg)
+        self.args = args
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         from server.protos import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
