@@ -6,6 +6,7 @@
 #   scripts/scale_check.sh                 # add_sub c=64 and mlp c=64, 8 s a point
 #   SECONDS_PER_POINT=15 WORKERS="0 2 4 8 12" scripts/scale_check.sh
 #   CLIENTS=8 scripts/scale_check.sh       # load-generator processes (default: a quarter of the cores)
+#   REPEAT=3 scripts/scale_check.sh        # every point 3 times in turns, the median printed
 #
 # The load generator (scripts/loadgen.py, closed-loop gRPC) runs on the same machine: give it enough
 # processes that it is not the bottleneck (its own CPU shows in `top`). With perf_analyzer on PATH,
@@ -22,6 +23,7 @@ SECS=${SECONDS_PER_POINT:-8}
 echo "# scale check: $CORES cores, $CLIENTS client processes, workers: $WORKERS"
 if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L || true; fi
 "$PY" scripts/bench_workers.py --seconds "$SECS" --warmup 2 --processes "$CLIENTS" --workers $WORKERS \
+    --repeat "${REPEAT:-1}" \
     --scenario add_sub:64 --scenario mlp:64 | tee .cache/scale_check.md
 if [ "${PA:-0}" = "1" ] && command -v perf_analyzer >/dev/null 2>&1; then
     for w in $WORKERS; do
