@@ -12,27 +12,16 @@ import tritonclient.grpc as grpcclient
 from server.scheduling.batcher import GATHER_MAX_NS
 from tests.harness import ServerProcess
 
-CONFIG = """max_batch_size: 64
-input [
-  { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
-  { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
-]
-output [
-  { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
-  { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
-]
-dynamic_batching { }
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    import build_models
     import onnx_models
 
     root = tmp_path_factory.mktemp("inline")
     onnx_models.add_sub(root / "repo" / "add_sub" / "1" / "model.onnx")
-    (root / "repo" / "add_sub" / "config.pbtxt").write_text(CONFIG)
+    # the benchmark's add_sub: one instance, plain dynamic_batching { }
+    (root / "repo" / "add_sub" / "config.pbtxt").write_text(build_models.bench_config("add_sub", batching=True))
     proc = ServerProcess([root / "repo"]).start(root / "inferd.log")
     yield proc
     proc.stop()
