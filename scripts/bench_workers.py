@@ -323,7 +323,7 @@ def main() -> None:
         if w1 and w2:
             ratio = w2["rps"] / w1["rps"]
             verdict = "met" if ratio >= 1.0 else "NOT met"
-            print(f"target {model}: 2 workers not slower than 1: {ratio:.2f}x -> {verdict}")
+            print(f"target {model}: 2 workers not slower than 1: {ratio:.3f}x -> {verdict}")
     with_workers = [r for (m, w), r in rows.items() if m == "add_sub" and w]
     if with_workers:
         best = min(with_workers, key=lambda r: r["engine_us"])
