@@ -302,6 +302,7 @@ def _frames(data: bytes) -> list[int]:
 
 
 def test_a_gathering_channel_writes_frames_of_busy_iterations_together_and_a_lone_one_at_once():
+    from server.core import loops
     from server.workers import link
 
     async def main():
@@ -311,7 +312,7 @@ def test_a_gathering_channel_writes_frames_of_busy_iterations_together_and_a_lon
         channel.gather_ns = 50_000_000  # far longer than this test: only quietness ends the wait
 
         def busy(tag: int) -> None:  # one request's work in one loop iteration, then the next arrives
-            end = time.perf_counter_ns() + 3 * link.QUIET_NS
+            end = time.perf_counter_ns() + 3 * loops.QUIET_NS
             while time.perf_counter_ns() < end:
                 pass
             channel.send(wire.INFER_FAST, tag, b"x")

@@ -5,7 +5,7 @@ is idle the scheduler forms the next batch (how long it may wait for a fuller on
 hands it to that instance's thread (or runs it on the loop when measured cheap: instances.py).
 With dynamic batching the scheduler dispatches once per loop iteration, so that requests
 arriving together (a frontend worker's frames of one read) share one batch and one hand-off, and
-for an instance that runs its batches on the loop it gathers until the loop is quiet (``_probe``);
+for an instance that runs its batches on the loop it gathers until the loop is quiet (core/loops.py ``when_quiet``);
 without it every request is its own batch, dispatched at once. Every request carries a response sink
 (core/stream.py): a tensor-path batch ends with one final response per member; a request-path
 backend sends its own responses, and a decoupled model's request stays in flight until its final one.
@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from server.core import loops
 from server.core.backend import uses_requests
 from server.core.config import DynamicBatching, ModelConfig, QueuePolicy
 from server.core.errors import ErrorCode, ServingError, invalid
@@ -32,10 +33,8 @@ from .instances import Instance, Job
 from .queues import DONE, QUEUED, RUNNING, Pending, Queues
 
 _NO_POLICY = QueuePolicy()  # a model without dynamic batching: one level, no limits
-# An inline instance's batch is dispatched once a whole loop iteration ran in at most this long (the
-# loop had nothing else to do: an empty iteration takes ~1 us on uvloop, ~2 us on asyncio's loop;
-# one request's step through the server, tens), or once its oldest request waited GATHER_MAX_NS
-GATHER_QUIET_NS = 10_000
+# An inline instance's batch is dispatched once the loop is quiet (core/loops.py ``when_quiet``), or
+# once its oldest request waited GATHER_MAX_NS
 GATHER_MAX_NS = 2_000_000
 NO_RESPONSE = "model '{}' finished a request without sending a response"
 
@@ -70,8 +69,7 @@ class Scheduler:
         self._next_seq = 0
         self._release_seq = 0
         self._held: dict[int, Job] = {}
-        self._dispatch_soon = False  # a _probe is scheduled (see submit)
-        self._probe_ns = 0  # perf_counter ns when the last _probe was scheduled
+        self._dispatch_soon = False  # a dispatch (at once or when the loop is quiet) is scheduled
         budget = self._policy.budget_ns if self._policy is not None else None
         self._gather_ns = min(GATHER_MAX_NS, int(budget / 2)) if budget else GATHER_MAX_NS
 
@@ -137,11 +135,10 @@ class Scheduler:
             return  # the next completion dispatches
         if self._idle[-1].inline and self._queues.count < self._gather_limit():
             # the idle instance runs cheap batches on the loop: gather while the loop has other work
-            # (one probe chain at a time; see _probe)
+            # (one gather at a time; see _gathered)
             if not self._dispatch_soon:
                 self._dispatch_soon = True
-                self._probe_ns = time.perf_counter_ns()
-                self._loop.call_soon(self._probe)
+                loops.when_quiet(self._loop, self._deferred_dispatch, self._gathered)
         elif self._db is not None:
             # first let the requests that arrive in this loop iteration (e.g. the frames of one read
             # from a frontend worker) join the batch: one dispatch per iteration, so requests that
@@ -159,26 +156,12 @@ class Scheduler:
     def _gather_limit(self) -> int:
         return self._policy.limit if self._policy is not None else 1
 
-    def _probe(self) -> None:
-        """Dispatch to an inline instance once the loop has nothing else to do.
-
-        grpc.aio and aiohttp hand the server its requests one loop iteration at a time, so a batch
-        cut in the iteration its first request arrived in holds that request alone, and every
-        request pays a whole batch's execution, completion and statistics. While the loop keeps
-        working (the iteration since the last probe took longer than GATHER_QUIET_NS) more requests
-        are on their way through it: probe again, up to GATHER_MAX_NS after the oldest arrived
-        (half the latency target, when one is set) or until a full batch waits. A lone request
-        finds the loop quiet at once, so it is not held."""
-        now = time.perf_counter_ns()
-        quiet = now - self._probe_ns <= GATHER_QUIET_NS
+    def _gathered(self, now: int) -> bool:
+        """An inline batch stops waiting for companions (see ``when_quiet``) once its oldest request
+        waited ``_gather_ns`` (half the latency target, when one is set) or a full batch waits."""
         head = self._queues.head()
-        if (quiet or head is None or now - head.arrived_ns >= self._gather_ns
-                or self._queues.count >= self._gather_limit()):
-            self._dispatch_soon = False
-            self._dispatch()
-        else:
-            self._probe_ns = now
-            self._loop.call_soon(self._probe)
+        return (head is None or now - head.arrived_ns >= self._gather_ns
+                or self._queues.count >= self._gather_limit())
 
     def _level_and_policy(self, parameters: Mapping[str, object]) -> tuple[int, QueuePolicy]:
         db = self._db

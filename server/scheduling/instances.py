@@ -17,7 +17,7 @@ garbage collector interrupted is not measured, and ``_FORGIVE_RUNS`` cheap inlin
 forgive one overrun (in the loaded server about one add_sub batch in a few hundred cost 2-4x the
 usual, which ended inlining within seconds when every overrun counted). A batch with more input
 bytes than the largest one measured cheap goes to the thread too. While an instance runs inline,
-the scheduler gathers its batch until the loop has nothing else to do (batcher.py, ``_probe``), so
+the scheduler gathers its batch until the loop has nothing else to do (core/loops.py ``when_quiet``), so
 that requests arriving over several loop iterations share it; any other dynamically batched model is
 dispatched once per loop iteration.
 """

@@ -6,8 +6,8 @@ responses costs one system call, not one each; ``before_flush`` adds frames that
 to that write (a worker port's freed blocks) without a write, or a loop iteration, of their own.
 
 With ``gather_ns`` set (a frontend worker's data channel) the write waits, like an inline batch in
-the scheduler (scheduling/batcher.py ``_probe``), until an iteration of the loop ran in at most
-QUIET_NS (nothing else to do) or the first queued frame waited ``gather_ns``: grpc.aio hands a
+the scheduler, until the loop is quiet (core/loops.py ``when_quiet``) or the first queued frame
+waited ``gather_ns``: grpc.aio hands a
 worker its requests one loop iteration at a time, and frames written per iteration reached the
 engine one by one, so its batches held 1.8 requests at add_sub c=16 against 6.7 in one process.
 """
@@ -19,12 +19,13 @@ import logging
 import time
 from typing import Callable
 
+from server.core import loops
+
 from . import wire
 
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 64 << 20  # bytes queued for the peer before "full"
-QUIET_NS = 10_000  # a loop iteration this short had nothing else to do (see scheduling/batcher.py)
 
 
 class FrameProtocol(asyncio.Protocol):
@@ -42,7 +43,7 @@ class FrameProtocol(asyncio.Protocol):
         self.before_flush: Callable[[], None] | None = None  # called first by each write (may send)
         self.closed = False
         self.gather_ns = 0  # hold writes until the loop is quiet, at most this long (0: per iteration)
-        self._first_ns = self._probe_ns = 0
+        self._first_ns = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -107,18 +108,13 @@ class FrameProtocol(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self.gather_ns:
-                self._first_ns = self._probe_ns = time.perf_counter_ns()
-                self._loop.call_soon(self._probe)
+                self._first_ns = time.perf_counter_ns()
+                loops.when_quiet(self._loop, self._flush, self._waited)
             else:
                 self._loop.call_soon(self._flush)
 
-    def _probe(self) -> None:
-        now = time.perf_counter_ns()
-        if now - self._probe_ns <= QUIET_NS or now - self._first_ns >= self.gather_ns:
-            self._flush()
-        else:
-            self._probe_ns = now
-            self._loop.call_soon(self._probe)
+    def _waited(self, now: int) -> bool:
+        return now - self._first_ns >= self.gather_ns
 
     def flush_soon(self) -> None:
         """Have the next write happen in this loop iteration even when nothing is queued yet (for
