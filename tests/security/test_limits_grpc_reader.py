@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 
-
 from tests.harness import ROOT
 from tests.security.memory import MiB, rss
 
